@@ -1,0 +1,1 @@
+"""Inference that works for any model/guide pair; installed as ``pvae.inference``."""

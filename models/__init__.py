@@ -1,0 +1,1 @@
+"""Model families, one file each; installed as ``pvae.models``."""

@@ -1,0 +1,82 @@
+"""Small shared helpers: seeding, devices, and input validation at the library's boundary."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable
+
+import numpy as np
+import pyro
+import torch
+
+__all__ = [
+    "check_finite",
+    "check_positive",
+    "default_device",
+    "resolve_device",
+    "seed_everything",
+    "unique_name",
+]
+
+_name_counters: dict[str, itertools.count] = {}
+
+
+def unique_name(prefix: str) -> str:
+    """A process-unique name such as ``"vae_0"``, used to keep families apart in Pyro's global param store."""
+    counter = _name_counters.setdefault(prefix, itertools.count())
+    return f"{prefix}_{next(counter)}"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy, torch and Pyro; return a torch generator for DataLoaders seeded alike."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Turn a ``--device`` value (None meaning the default) into a usable ``torch.device``."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but no CUDA device is available")
+    return device
+
+
+def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a floating tensor with only finite entries."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype (float32/float64), got {value.dtype}")
+    if not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(f"{name} must be finite; it has {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}")
+    return value
+
+
+def check_positive(name: str, value: float | Iterable[float]) -> float:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number > 0."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a real number > 0, got {value!r}") from error
+    if not (np.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
+    return number
