@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 from collections.abc import Iterable
 
 import numpy as np
 import pyro
 import torch
+from tqdm.auto import tqdm
 
 __all__ = [
     "check_finite",
     "check_positive",
     "default_device",
+    "progress_bar",
+    "progress_enabled",
     "resolve_device",
     "seed_everything",
     "unique_name",
@@ -80,3 +84,15 @@ def check_positive(name: str, value: float | Iterable[float]) -> float:
     if not (np.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
     return number
+
+
+def progress_enabled(progress: bool = True) -> bool:
+    """Progress bars are shown only when asked for *and* stderr is a terminal (quiet in logs and pipes)."""
+    return bool(progress) and sys.stderr.isatty()
+
+
+def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
+    """A tqdm bar on stderr, silent unless :func:`progress_enabled`."""
+    return tqdm(
+        iterable, disable=not progress_enabled(progress), file=sys.stderr, dynamic_ncols=True, **kwargs
+    )
