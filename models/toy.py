@@ -42,7 +42,12 @@ from pvae.family import Family
 from pvae.networks import mlp
 from pvae.utils import check_finite, check_positive
 
-__all__ = ["DEFAULT_AMORTIZED_STEPS", "DEFAULT_PER_DATUM_STEPS", "ExponentialGaussian", "ExponentialGaussianConfig"]
+__all__ = [
+    "DEFAULT_AMORTIZED_STEPS",
+    "DEFAULT_PER_DATUM_STEPS",
+    "ExponentialGaussian",
+    "ExponentialGaussianConfig",
+]
 
 DEFAULT_AMORTIZED_STEPS = 3000
 DEFAULT_PER_DATUM_STEPS = 1000
