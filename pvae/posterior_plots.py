@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["plot_comparison", "plot_posterior_sweep"]
+__all__ = ["plot_comparison", "plot_estimator_spread", "plot_posterior_sweep"]
 
 
 def _panel_grid(count: int):
@@ -168,4 +168,34 @@ def plot_posterior_sweep(x: torch.Tensor, posterior, path: str, title: str = "")
     axis.set_ylabel("p(z | x)")
     axis.set_title(title or "exact posterior p(z | x) as x moves")
     axis.legend(fontsize=8, ncol=2)
+    return _save(figure, path)
+
+
+def plot_estimator_spread(spread: dict, labels: list[str], path: str) -> str:
+    """Standard deviation of log-evidence estimates against k, naive (prior) vs importance-sampled (guide).
+
+    :param spread: output of :func:`pvae.inference.estimator_spread`.
+    :param labels: one label per datum.
+    """
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    colours = plt.cm.tab10.colors
+    for proposal, style in (("prior", "--"), ("guide", "-")):
+        ks = sorted(spread[proposal])
+        stds = torch.stack([spread[proposal][k]["std"] for k in ks]).cpu()  # (len(ks), N)
+        for index, label in enumerate(labels):
+            name = "naive (prior)" if proposal == "prior" else "importance (guide)"
+            axis.plot(
+                ks,
+                stds[:, index].numpy(),
+                style,
+                marker="o",
+                color=colours[index % 10],
+                label=f"{name}, {label}",
+            )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("k (samples per estimate)")
+    axis.set_ylabel("std of log p̂(x) over repeats")
+    axis.set_title("evidence estimators: spread as k grows")
+    axis.legend(fontsize=7, ncol=2)
     return _save(figure, path)
