@@ -131,7 +131,7 @@ class AE(Family):
         self.decoder = mlp([z_dim, hidden_dim, x_dim])
         self.config = AEConfig(x_dim, hidden_dim, z_dim, self.scale, self.name)
 
-    # ---- data checks -----------------------------------------------------------------------------------
+    # ---- data checks -------------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
         if not isinstance(x, torch.Tensor):

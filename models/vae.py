@@ -129,7 +129,7 @@ class VAE(Family):
         # p(z) = Normal(0, I), built once per (device, dtype) rather than on every model call.
         self._priors: dict[tuple[torch.device, torch.dtype], dist.TorchDistribution] = {}
 
-    # ---- data checks -----------------------------------------------------------------------------------
+    # ---- data checks -------------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten to (batch, x_dim), cast to the parameters' dtype, and check the values.
 
@@ -166,7 +166,7 @@ class VAE(Family):
                 "[0, 1]; or use likelihood='gaussian' for continuous data."
             )
 
-    # ---- networks ---------------------------------------------------------------------------------------
+    # ---- networks ----------------------------------------------------------------------------------------
     def _prior(self, like: torch.Tensor) -> dist.TorchDistribution:
         key = (like.device, like.dtype)
         prior = self._priors.get(key)
@@ -208,7 +208,7 @@ class VAE(Family):
             loc, scale = self._encode(x)  # (batch, z_dim) each
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    # ---- helpers for pictures and evaluation --------------------------------------------------------------
+    # ---- helpers for pictures and evaluation -------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z | x).
 

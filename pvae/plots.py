@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-# ---- writing -------------------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------------------
 def _check_path(path) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".png"):
@@ -57,7 +57,7 @@ def _save_figure(figure: Figure, path: str) -> str:
     return _write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
 
 
-# ---- image grids ---------------------------------------------------------------------------------------
+# ---- image grids -----------------------------------------------------------------------------------------
 def _as_images(images, image_shape: tuple[int, ...], name: str = "images") -> torch.Tensor:
     """(N, D), (N, H, W) or (N, C, H, W) values in [0, 1] → (N, C, H, W) float32 on the CPU."""
     images = torch.as_tensor(images).detach()
@@ -140,7 +140,7 @@ def plot_reconstructions(
     return _write_atomically(path, lambda temporary: save_image(grid, temporary, format="png"))
 
 
-# ---- curves --------------------------------------------------------------------------------------------
+# ---- curves ----------------------------------------------------------------------------------------------
 def _curves(history) -> dict[str, list[float]]:
     """Normalize a history into named curves (None entries become NaN gaps)."""
     if dataclasses.is_dataclass(history) and not isinstance(history, type):
@@ -223,7 +223,7 @@ def plot_loss_curve(
     return _save_figure(figure, path)
 
 
-# ---- latent space --------------------------------------------------------------------------------------
+# ---- latent space ----------------------------------------------------------------------------------------
 def latent_projection(z: torch.Tensor) -> tuple[torch.Tensor, tuple[str, str], str]:
     """2-D coordinates for a scatter of codes: z for z_dim = 2, else its first two principal components.
 

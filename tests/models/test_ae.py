@@ -25,7 +25,7 @@ def _gaussian_elbo(x, reconstruction, scale):
     return -sse / (2 * scale**2) - x.numel() / 2 * math.log(2 * math.pi * scale**2)
 
 
-# ---- the ELBO identity -------------------------------------------------------------------------------------
+# ---- the ELBO identity -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("scale", [0.3, 1.0, 2.5])
 def test_ae_elbo_is_the_gaussian_reconstruction_loss(shape, scale):
@@ -70,7 +70,7 @@ def test_ae_model_cannot_run_without_a_guide():
         AE().model(torch.randn(2, 96))
 
 
-# ---- denoising ---------------------------------------------------------------------------------------------
+# ---- denoising -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
 def test_mask_corruption_zeroes_a_fraction_p(p):
     dae = DAE(corruption="mask", noise=p)
@@ -118,7 +118,7 @@ def test_dae_without_masking_is_an_ae():
     assert elbo == pytest.approx(_gaussian_elbo(x, dae.reconstruct(x), 1.0).item(), rel=1e-12)
 
 
-# ---- reconstruction error ---------------------------------------------------------------------------------
+# ---- reconstruction error --------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_reconstruction_error_reductions(shape):
     ae = AE().double()
@@ -145,7 +145,7 @@ def test_short_training_run_reduces_the_reconstruction_error():
     assert after < 0.6 * before, (before, after)
 
 
-# ---- validation, dtypes, params ----------------------------------------------------------------------------
+# ---- validation, dtypes, params --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",
     [

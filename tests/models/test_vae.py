@@ -29,7 +29,7 @@ def _traces(vae, x):
     return guide_trace, model_trace
 
 
-# ---- the ELBO: Monte-Carlo KL vs closed form ---------------------------------------------------------------
+# ---- the ELBO: Monte-Carlo KL vs closed form -------------------------------------------------------------
 def _fixed_network(z_dim: int, hidden_dim: int) -> VAE:
     """A fixed VAE whose posteriors sit far from the prior (KL of several nats per datum)."""
     vae = VAE(z_dim=z_dim, hidden_dim=hidden_dim).double()
@@ -110,7 +110,7 @@ def test_elbo_terms_are_the_seeds_loss(digits):
     assert model_trace.nodes["z"]["log_prob_sum"].item() == pytest.approx(prior.item(), rel=1e-12)
 
 
-# ---- training ---------------------------------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------------------
 def test_short_training_run_improves_the_test_elbo(digits):
     _, test_x = digits
     train = load_images("mnist5k", "train").flat()[::8]  # 500 digits, every class
@@ -132,7 +132,7 @@ def test_short_training_run_improves_the_test_elbo(digits):
     assert after > before + 200, (before, after)
 
 
-# ---- data checks ------------------------------------------------------------------------------------------
+# ---- data checks -----------------------------------------------------------------------------------------
 def test_grey_pixels_to_a_bernoulli_vae_raise_with_advice(digits):
     grey, _ = digits
     vae = VAE()
@@ -284,7 +284,7 @@ def test_network_is_the_seeds():
     assert (decoder[0].in_features, decoder[2].out_features) == (20, 784)
 
 
-# ---- families in the param store, configs ------------------------------------------------------------------
+# ---- families in the param store, configs ----------------------------------------------------------------
 def test_two_vaes_do_not_share_parameters(digits):
     _, x = digits
     x = x.float()
