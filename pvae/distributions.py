@@ -15,6 +15,7 @@ import math
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
+from torch.distributions.kl import register_kl
 from torch.distributions.utils import broadcast_all
 
 __all__ = ["TruncatedNormal", "log_ndtri"]
@@ -214,3 +215,24 @@ class TruncatedNormal(TorchDistribution):
     def entropy(self):
         _, _, second, log_z = self._phi_terms()
         return _HALF_LOG_2PI + 0.5 + torch.log(self.scale) + log_z + 0.5 * second
+
+
+@register_kl(TruncatedNormal, TruncatedNormal)
+def _kl_truncated_normal(q: TruncatedNormal, p: TruncatedNormal) -> torch.Tensor:
+    r"""Closed-form KL(q ‖ p) for truncated normals, finite when q's interval lies inside p's.
+
+    .. math:: \mathrm{KL} = \log\frac{\sigma_p Z_p}{\sigma_q Z_q}
+              - \frac{\mathbb E_q[(z-\mu_q)^2]}{2\sigma_q^2} + \frac{\mathbb E_q[(z-\mu_p)^2]}{2\sigma_p^2},
+       \quad \mathbb E_q[(z-\mu)^2] = \mathrm{Var}_q + (\mathbb E_q z - \mu)^2.
+    """
+    inside = (q.low >= p.low) & (q.high <= p.high)
+    mean, variance = q.mean, q.variance
+    kl = (
+        torch.log(p.scale)
+        - torch.log(q.scale)
+        + p.log_normalizer
+        - q.log_normalizer
+        - (variance + (mean - q.loc) ** 2) / (2 * q.scale**2)
+        + (variance + (mean - p.loc) ** 2) / (2 * p.scale**2)
+    )
+    return torch.where(inside, kl, torch.full_like(kl, math.inf))
