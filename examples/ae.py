@@ -49,7 +49,7 @@ def main(args):
         sse = ae.reconstruction_error(batch, reduction="sum").sum().item()
         identity = -sse / (2 * args.scale**2) - batch.numel() / 2 * math.log(2 * math.pi * args.scale**2)
         print(
-            f"ELBO {-elbo.loss(ae.model, ae.guide, batch):.4f} = −SSE/(2s²) − (D/2)log 2πs² = {identity:.4f}"
+            f"ELBO {-elbo.loss(ae.model, ae.guide, batch):.7g} = −SSE/(2s²) − (D/2)log 2πs² = {identity:.7g}"
         )
 
     history = {"train": [], "test": []}
