@@ -10,6 +10,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pvae.data import BatchLoader, load_images
+from pvae.inference import log_evidence
 from pvae.models.ae import AE, DAE, AEConfig, DAEConfig, FlatPrior
 
 SHAPES = [(6, 96), (4, 5, 96)]
@@ -225,3 +226,10 @@ def test_config_fields_are_the_constructor_arguments(family, config):
     rebuilt.load_state_dict(instance.state_dict())
     x = torch.randn(2, 10)
     torch.testing.assert_close(rebuilt.reconstruct(x), instance.reconstruct(x))
+
+
+@pytest.mark.parametrize("family", [AE, DAE])
+def test_log_evidence_refuses_the_point_mass_guide(family):
+    ae = family()
+    with pytest.raises(ValueError, match="point mass"):
+        log_evidence(ae.model, ae.guide, torch.randn(3, 96), num_samples=10)

@@ -10,6 +10,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from pvae.data import BatchLoader, load_images
+from pvae.inference import log_evidence
 from pvae.models.vae import VAE, VAEConfig
 
 
@@ -310,3 +311,21 @@ def test_config_fields_are_the_constructor_arguments():
     rebuilt.load_state_dict(vae.state_dict())
     z = torch.randn(2, 7)
     torch.testing.assert_close(rebuilt.decode(z), vae.decode(z))
+
+
+# ---- evidence ---------------------------------------------------------------------------------------------
+def test_log_evidence_of_the_vae_is_consistent(digits):
+    """Importance sampling through the particle plate: the guide and the prior as proposals estimate the
+    same log p(x), and the IWAE bound lies above the ELBO."""
+    _, x = digits
+    x = x[::16][:8]
+    vae = VAE(z_dim=2, hidden_dim=32).double()
+    with_guide = log_evidence(vae.model, vae.guide, x, num_samples=4000)
+    with_prior = log_evidence(vae.model, vae.guide, x, num_samples=4000, proposal="prior")
+    assert with_guide.shape == (8,) and with_guide.dtype == torch.float64
+    torch.testing.assert_close(with_guide, with_prior, atol=0.2, rtol=0)
+    with pyro.plate("particles", 2000, dim=-2):
+        guide_trace, model_trace = _traces(vae, x)
+    log_w = model_trace.nodes["x"]["log_prob"] + model_trace.nodes["z"]["log_prob"]
+    elbo = (log_w - guide_trace.nodes["z"]["log_prob"]).mean(0)  # (8,)
+    assert (with_guide > elbo).all()
