@@ -25,6 +25,7 @@ binarize="dynamic")``) or choose ``likelihood="gaussian"``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -126,6 +127,8 @@ class VAE(Family):
             nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
         )
         self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, x_dim))
+        # The Gaussian likelihood's scale: a 0-d tensor following .to(device/dtype), not in the state dict.
+        self.register_buffer("_scale", torch.tensor(scale), persistent=False)
         # p(z) = Normal(0, I), built once per (device, dtype) rather than on every model call.
         self._priors: dict[tuple[torch.device, torch.dtype], dist.TorchDistribution] = {}
 
@@ -133,11 +136,20 @@ class VAE(Family):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten to (batch, x_dim), cast to the parameters' dtype, and check the values.
 
-        The fast check is one cheap reduction whose result is non-zero or non-finite exactly when some
+        The value check is one cheap reduction whose result is non-zero or non-finite exactly when some
         entry is bad: Σ|x − x²| under the Bernoulli likelihood (zero iff every entry is 0 or 1; NaN/inf
         propagate), Σx under the Gaussian one (non-finite when an entry is NaN/inf). Only then does
         :meth:`_check_values` look closer and explain.
         """
+        if torch.jit.is_tracing():
+            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
+            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._checked(x)
+        return self._checked(x)
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         x = flatten_data(x, self.x_dim)
         dtype = self.decoder[0].weight.dtype
         if x.dtype != dtype:
@@ -179,7 +191,7 @@ class VAE(Family):
     def _likelihood(self, output: torch.Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=output).to_event(1)
-        return dist.Normal(output, self.scale).to_event(1)
+        return dist.Normal(output, self._scale).to_event(1)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, log_var = self.encoder(x).chunk(2, dim=-1)  # (batch, z_dim) each

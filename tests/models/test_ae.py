@@ -7,9 +7,10 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 
 from pvae.data import BatchLoader, load_images
+from pvae.inference import log_evidence
 from pvae.models.ae import AE, DAE, AEConfig, DAEConfig, FlatPrior
 
 SHAPES = [(6, 96), (4, 5, 96)]
@@ -225,3 +226,22 @@ def test_config_fields_are_the_constructor_arguments(family, config):
     rebuilt.load_state_dict(instance.state_dict())
     x = torch.randn(2, 10)
     torch.testing.assert_close(rebuilt.reconstruct(x), instance.reconstruct(x))
+
+
+@pytest.mark.parametrize("family", [AE, DAE])
+def test_log_evidence_refuses_the_point_mass_guide(family):
+    ae = family()
+    with pytest.raises(ValueError, match="point mass"):
+        log_evidence(ae.model, ae.guide, torch.randn(3, 96), num_samples=10)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_jit_traced_elbo_equals_the_eager_one(shape):
+    dae = DAE(corruption="mask", noise=0.3)
+    jitted = JitTrace_ELBO()
+    for _ in range(3):  # the corruption is redrawn inside the compiled graph
+        x = torch.randn(shape)
+        pyro.set_rng_seed(4)
+        expected = Trace_ELBO().loss(dae.model, dae.guide, x)
+        pyro.set_rng_seed(4)
+        assert jitted.loss(dae.model, dae.guide, x) == pytest.approx(expected, rel=1e-6)
