@@ -148,6 +148,7 @@ def train(
     num_particles: int = 1,
     engine: str = "eager",
     adam_kwargs: dict | None = None,
+    metadata: dict | None = None,
 ) -> History:
     """Fit a family by SVI with Adam for a number of epochs over ``train_loader``.
 
@@ -172,6 +173,7 @@ def train(
     :param engine: ``"eager"``, ``"trace"`` (replay a recorded graph of the step) or ``"compile"`` (that
         graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
     :param adam_kwargs: further ``torch.optim.Adam`` arguments.
+    :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
     :returns: the :class:`History` of all epochs (including those before a resume).
     :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
         last good checkpoint in place.
@@ -225,6 +227,7 @@ def train(
         "jit": bool(jit),
         "engine": engine,
         "seed": seed,
+        **(metadata or {}),
     }
     for epoch in range(start_epoch, epochs):
         family.train()
