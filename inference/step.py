@@ -37,6 +37,7 @@ smaller batch) run eagerly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from collections.abc import Callable
@@ -223,10 +224,13 @@ class SVIStep:
             self._pending_optimizer_state = None
 
     def state_dict(self) -> dict:
-        """Optimizer state keyed by parameter order, with the param-store names of that order."""
+        """Optimizer state (a copy) keyed by parameter order, with the param-store names of that order."""
         if self.optimizer is None:
-            return dict(self._pending_optimizer_state or {})
-        return {"param_names": list(self.param_names), "optimizer": self.optimizer.state_dict()}
+            return copy.deepcopy(self._pending_optimizer_state or {})
+        return {
+            "param_names": list(self.param_names),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
 
     def load_state_dict(self, state: dict, rename: Callable[[str], str] | None = None) -> None:
         """Restore optimizer state (applied on the first step, once the parameters are known).
