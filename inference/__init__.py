@@ -4,7 +4,25 @@ Nothing here imports a concrete family: exact quantities come in as callables.
 """
 
 from pvae.inference.compare import Comparison, compare
-from pvae.inference.evidence import log_evidence, per_datum_log_weights
+from pvae.inference.evaluate import LogLikelihood, evaluate_log_likelihood
+from pvae.inference.evidence import estimator_spread, log_evidence, per_datum_log_weights
+from pvae.inference.objectives import IWAE_ELBO, make_elbo
+from pvae.inference.step import SVIStep
 from pvae.inference.svi import fit
+from pvae.inference.train import History, train
 
-__all__ = ["Comparison", "compare", "fit", "log_evidence", "per_datum_log_weights"]
+__all__ = [
+    "IWAE_ELBO",
+    "Comparison",
+    "History",
+    "LogLikelihood",
+    "SVIStep",
+    "compare",
+    "estimator_spread",
+    "evaluate_log_likelihood",
+    "fit",
+    "log_evidence",
+    "make_elbo",
+    "per_datum_log_weights",
+    "train",
+]

@@ -136,8 +136,8 @@ def _fmt(value, digits):
 
 
 def _default_labels(data, n):
-    if isinstance(data, torch.Tensor) and data.dim() == 1 and data.shape[0] == n:
-        return [f"x={value:.3g}" for value in data.tolist()]
+    if isinstance(data, torch.Tensor) and data.shape[0] == n and data[0].numel() == 1:
+        return [f"x={value:.3g}" for value in data.reshape(-1).tolist()]
     return [str(i) for i in range(n)]
 
 

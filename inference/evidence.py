@@ -8,7 +8,7 @@ import torch
 
 from pvae.inference._weights import guess_max_plate_nesting, log_weights, point_mass_sites
 
-__all__ = ["log_evidence", "per_datum_log_weights"]
+__all__ = ["estimator_spread", "log_evidence", "per_datum_log_weights"]
 
 
 def _check_num(name: str, value) -> int:
@@ -102,3 +102,33 @@ def log_evidence(
         return estimate
     ess = torch.exp(2 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2 * log_w, dim=0))
     return estimate, ess
+
+
+def estimator_spread(
+    model,
+    guide,
+    *args,
+    num_samples: tuple[int, ...] = (10, 100, 1000),
+    repeats: int = 30,
+    **kwargs,
+) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """How the naive (prior) and importance-sampled (guide) evidence estimates spread as k grows.
+
+    For each proposal and each k in ``num_samples``, ``repeats`` independent estimates of log p(x_n) are
+    drawn; returned are their per-datum mean, standard deviation and mean effective sample size:
+    ``{"prior"|"guide": {k: {"mean": (N,), "std": (N,), "ess": (N,)}}}``.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an integer ≥ 2, got {repeats!r}")
+    spread: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for proposal in ("prior", "guide"):
+        spread[proposal] = {}
+        for k in num_samples:
+            draws = [
+                log_evidence(model, guide, *args, num_samples=k, proposal=proposal, return_ess=True, **kwargs)
+                for _ in range(repeats)
+            ]
+            estimates = torch.stack([estimate for estimate, _ in draws])  # (repeats, N)
+            ess = torch.stack([value for _, value in draws])
+            spread[proposal][k] = {"mean": estimates.mean(0), "std": estimates.std(0), "ess": ess.mean(0)}
+    return spread

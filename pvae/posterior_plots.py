@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["plot_comparison", "plot_posterior_sweep"]
+__all__ = ["plot_comparison", "plot_estimator_spread", "plot_posterior_sweep"]
 
 
 def _panel_grid(count: int):
@@ -55,33 +55,28 @@ def _density(distribution, values: torch.Tensor, index: int) -> torch.Tensor:
 def plot_comparison(comparison, path: str, max_panels: int = 9, labels: list[str] | None = None) -> str:
     """One panel per datum (up to ``max_panels``): exact posterior, guide density, histogram of guide draws.
 
-    :param comparison: a :class:`pvae.inference.Comparison` for a scalar latent site per datum.
+    :param comparison: a :class:`pvae.inference.Comparison` of a scalar or discrete latent site.
     :param path: PNG file to write.
     :returns: ``path``.
     """
     if comparison.samples is None or comparison._guide_fn is None:
         raise ValueError("this comparison has no single latent site to plot; pass site= to compare()")
-    samples = comparison.samples.detach().cpu()  # (S, N) for a scalar site in the data plate
-    num_samples = samples.shape[0]
-    samples = samples.reshape(num_samples, -1) if samples.dim() >= 2 else samples.reshape(num_samples, 1)
     guide_fn = comparison._guide_fn()
     exact = comparison._posterior() if comparison._posterior is not None else None
-    if getattr(guide_fn, "event_shape", ()) != torch.Size():
+    discrete = getattr(guide_fn.support, "is_discrete", False)
+    event_shape = tuple(getattr(guide_fn, "event_shape", ()))
+    if event_shape and not discrete:
         raise ValueError(
-            f"plot() draws scalar latent sites; site {comparison.site!r} has event shape "
-            f"{tuple(guide_fn.event_shape)}"
+            f"plot() draws scalar continuous or discrete latent sites; site {comparison.site!r} has event "
+            f"shape {event_shape}"
         )
+    samples = comparison.samples.detach().cpu()  # (S, N, *event) for a site in the data plate
+    num_samples = samples.shape[0]
+    samples = samples.reshape(num_samples, -1, *event_shape)
     count = min(samples.shape[1], max_panels)
     n = comparison.per_datum["elbo"].shape[0]
-    labels = labels or (
-        [f"x = {v:.3g}" for v in comparison.data.tolist()]
-        if isinstance(comparison.data, torch.Tensor)
-        and comparison.data.dim() == 1
-        and len(comparison.data) == n
-        else [f"datum {i}" for i in range(n)]
-    )
+    labels = labels or _labels(comparison.data, n)
     figure, axes = _panel_grid(count)
-    discrete = getattr(guide_fn.support, "is_discrete", False)
     for index, axis in zip(range(count), axes):
         column = samples[:, index]
         if discrete:
@@ -118,19 +113,33 @@ def _continuous_panel(axis, column, guide_fn, exact, index):
     axis.set_xlabel("z")
 
 
+def _labels(data, n):
+    if isinstance(data, torch.Tensor) and data.shape[0] == n and data[0].numel() == 1:
+        return [f"x = {v:.3g}" for v in data.reshape(-1).tolist()]
+    return [f"datum {i}" for i in range(n)]
+
+
 def _discrete_panel(axis, column, guide_fn, exact, index):
-    support = guide_fn.enumerate_support(expand=False).reshape(-1)  # (K,)
+    """Bars of probabilities over the K values of a discrete site (categorical or one-hot)."""
+    values = guide_fn.enumerate_support(expand=False)  # (K, 1, …, *event)
+    num_values = values.shape[0]
+    event_dims = len(guide_fn.event_shape)
     width = 0.27
-    positions = torch.arange(len(support), dtype=torch.float64)
-    values = support.reshape(-1, *([1] * len(guide_fn.batch_shape)))
-    guide_probs = guide_fn.log_prob(values).reshape(len(support), -1)[:, index].exp().cpu()
-    counts = torch.stack([(column == value).double().mean() for value in support.cpu()])
+    positions = torch.arange(num_values, dtype=torch.float64)
+    guide_probs = guide_fn.log_prob(values).reshape(num_values, -1)[:, index].exp().cpu()
+    flat_values = values.reshape(num_values, *guide_fn.event_shape).cpu()  # (K, *event)
+    matches = column.unsqueeze(1) == flat_values.unsqueeze(0)  # (S, K, *event)
+    counts = (
+        matches.reshape(*matches.shape[:2], -1).all(-1).double().mean(0)
+        if event_dims
+        else matches.double().mean(0)
+    )
     axis.bar(
         (positions - width).numpy(), counts.numpy(), width, color="tab:blue", alpha=0.3, label="guide draws"
     )
     axis.bar(positions.numpy(), guide_probs.numpy(), width, color="tab:blue", label="guide q(z|x)")
     if exact is not None:
-        exact_probs = exact.log_prob(values).reshape(len(support), -1)[:, index].exp().cpu()
+        exact_probs = exact.log_prob(values).reshape(num_values, -1)[:, index].exp().cpu()
         axis.bar(
             (positions + width).numpy(),
             exact_probs.numpy(),
@@ -139,8 +148,8 @@ def _discrete_panel(axis, column, guide_fn, exact, index):
             alpha=0.7,
             label="exact p(z|x)",
         )
-    axis.set_xticks(positions.numpy(), [str(int(v)) for v in support.tolist()])
-    axis.set_xlabel("z")
+    axis.set_xticks(positions.numpy(), [str(k) for k in range(num_values)])
+    axis.set_xlabel("z (component)" if event_dims else "z")
     axis.set_ylim(0, 1.05)
 
 
@@ -159,4 +168,34 @@ def plot_posterior_sweep(x: torch.Tensor, posterior, path: str, title: str = "")
     axis.set_ylabel("p(z | x)")
     axis.set_title(title or "exact posterior p(z | x) as x moves")
     axis.legend(fontsize=8, ncol=2)
+    return _save(figure, path)
+
+
+def plot_estimator_spread(spread: dict, labels: list[str], path: str) -> str:
+    """Standard deviation of log-evidence estimates against k, naive (prior) vs importance-sampled (guide).
+
+    :param spread: output of :func:`pvae.inference.estimator_spread`.
+    :param labels: one label per datum.
+    """
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    colours = plt.cm.tab10.colors
+    for proposal, style in (("prior", "--"), ("guide", "-")):
+        ks = sorted(spread[proposal])
+        stds = torch.stack([spread[proposal][k]["std"] for k in ks]).cpu()  # (len(ks), N)
+        for index, label in enumerate(labels):
+            name = "naive (prior)" if proposal == "prior" else "importance (guide)"
+            axis.plot(
+                ks,
+                stds[:, index].numpy(),
+                style,
+                marker="o",
+                color=colours[index % 10],
+                label=f"{name}, {label}",
+            )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("k (samples per estimate)")
+    axis.set_ylabel("std of log p̂(x) over repeats")
+    axis.set_title("evidence estimators: spread as k grows")
+    axis.legend(fontsize=7, ncol=2)
     return _save(figure, path)

@@ -1,0 +1,366 @@
+"""One SVI optimisation step — loss, gradients, Adam — for any model/guide pair, with a traced fast path.
+
+:class:`SVIStep` runs Pyro's own ELBO (``elbo.differentiable_loss(model, guide, *args)``) and one
+``torch.optim.Adam`` over every parameter the pair touches (``fused=True`` where torch has a fused kernel
+for the device) instead of ``SVI.step``, whose per-parameter optimizer wrappers, ``.item()`` syncs and
+param-store re-tracing cost more than the network itself on small batches. Three engines:
+
+``"eager"``
+    the ELBO runs through Pyro's poutine machinery on every step (any ELBO, including Pyro's
+    ``JitTrace_ELBO``; ELBOs without ``differentiable_loss`` fall back to ``loss_and_grads``).
+
+``"trace"``
+    *trace once, replay*: after the first (eager) step, one step of the same computation —
+    ``differentiable_loss`` and its gradients — is recorded into an FX graph of aten operations with
+    ``make_fx``, parameters and data as inputs. Replaying it runs the same kernels on fresh random draws
+    without any Python of Pyro's, so it is equal to the eager step (tested bit for bit on CPU).
+
+``"compile"``
+    the traced graph, compiled by ``torch.compile`` (Inductor), which fuses the element-wise work of
+    Pyro's log-densities, validation checks and backward pass into a few kernels around the matrix
+    products. Compiling takes tens of seconds once per run (cached on disk by Inductor afterwards), and
+    Inductor draws its own random numbers (seeded from torch's generator), so it matches the eager step in
+    distribution, not bit for bit.
+
+What tracing assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
+sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
+Python values read from tensors (``bool(t)``, ``t.item()``: Pyro's and torch's validation checks, NaN
+warnings, data checks of a family) are not frozen silently: each becomes a *guard*, a 0-dim output of the
+graph that must equal the value seen while tracing. A step whose guards fail — invalid data, a NaN loss, a
+data-dependent branch — is recomputed eagerly, so validation errors are raised as usual; a program whose
+guards keep failing runs eagerly from then on (with a warning). Pyro's ``torch_item`` (the ``.item()``
+calls with which Trace_ELBO reports the loss as a float) is replaced by ``detach()`` while tracing, so the
+graph computes the loss value as a tensor. Batches whose shapes differ from the traced one (a last,
+smaller batch) run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import warnings
+from collections.abc import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+__all__ = ["ENGINES", "SVIStep"]
+
+ENGINES = ("eager", "trace", "compile")
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    """Tensors among positional/keyword arguments, in order (the traced graph's data inputs)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [tensor for item in value for tensor in _leaves(item)]
+    if isinstance(value, dict):
+        return [tensor for key in sorted(value) for tensor in _leaves(value[key])]
+    return []
+
+
+def _signature(args, kwargs) -> tuple:
+    """Shapes, dtypes and devices of the tensors among the arguments, plus the non-tensor values."""
+
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+        if isinstance(value, list | tuple):
+            return (type(value).__name__, tuple(describe(item) for item in value))
+        if isinstance(value, dict):
+            return ("dict", tuple((key, describe(value[key])) for key in sorted(value)))
+        try:
+            hash(value)
+        except TypeError:
+            return ("id", id(value))
+        return ("value", value)
+
+    return describe(args), describe(kwargs)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") and not p.is_sparse for p in params
+    )
+
+
+@contextlib.contextmanager
+def _loss_values_as_tensors():
+    """While tracing, let Pyro's ``torch_item`` (``x.item()``) return ``x.detach()`` instead of a float.
+
+    Trace_ELBO builds the reported loss from ``torch_item`` floats; traced, those would freeze the first
+    batch's value into the graph. Detached tensors give the same value and the same (zero) gradient.
+    """
+
+    def as_tensor(value):
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pyro.") and getattr(module, "torch_item", None) is not None:
+            original = module.torch_item
+            if getattr(original, "__module__", "") == "pyro.infer.util":
+                patched.append((module, original))
+                module.torch_item = as_tensor
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.torch_item = original
+
+
+class _GuardRecorder:
+    """Records every tensor → Python scalar conversion made while ``make_fx`` traces (a dispatch mode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+        self.guards: list[tuple[torch.Tensor, object]] = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+                    with disable_proxy_modes_tracing():
+                        value = func(*args, **(kwargs or {}))
+                    recorder.guards.append((args[0], value))
+                    return value
+                return func(*args, **(kwargs or {}))
+
+        self.mode = _Mode()
+
+    def all_hold(self) -> torch.Tensor:
+        """A 0-dim bool tensor (traced): every recorded tensor still has the value seen while tracing."""
+        if not self.guards:
+            return torch.ones((), dtype=torch.bool)
+        checks = [tensor.reshape(()) == value for tensor, value in self.guards]
+        return torch.stack(checks).all()
+
+
+class SVIStep:
+    """Callable SVI step: ``loss = step(*args, **kwargs)`` computes the ELBO loss and updates parameters.
+
+    Parameters are those of the param-store sites the pair touches on its first step (for a family, its
+    ``pyro.module`` parameters), optimized by a single ``torch.optim.Adam``. The returned loss is a detached
+    0-dim tensor on the parameters' device (no host sync), −ELBO summed over the data plate as Pyro reports
+    it (the loss of the given ``elbo``).
+
+    :param model: Pyro model.
+    :param guide: Pyro guide.
+    :param elbo: a Pyro ELBO instance (see :func:`pvae.inference.objectives.make_elbo`).
+    :param lr: Adam learning rate, > 0.
+    :param engine: ``"eager"``, ``"trace"`` or ``"compile"`` (see the module docstring).
+    :param module: the ``nn.Module`` holding the pair's networks (a family): its parameters must be the
+        tensors Pyro's param store holds under their names; checked on the first step.
+    :param after_step: called with no arguments after every optimizer step (e.g. an EMA of weights).
+    :param adam_kwargs: further ``torch.optim.Adam`` arguments (``betas``, ``eps``, ``weight_decay``,
+        ``fused``).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        elbo,
+        *,
+        lr: float = 1e-3,
+        engine: str = "eager",
+        module: nn.Module | None = None,
+        after_step: Callable[[], None] | None = None,
+        adam_kwargs: dict | None = None,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        self.model, self.guide, self.elbo = model, guide, elbo
+        self.lr, self.engine, self.module, self.after_step = float(lr), engine, module, after_step
+        self.adam_kwargs = dict(adam_kwargs or {})
+        self.param_names: list[str] | None = None
+        self.params: list[torch.Tensor] | None = None
+        self.optimizer: torch.optim.Adam | None = None
+        self._pending_optimizer_state: dict | None = None
+        self._graph = None
+        self._traced = None
+        self._graph_signature = None
+        self._graph_guards = 0
+        self._guard_failures = 0
+        self.disabled_reason: str | None = None
+        self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
+
+    # ---- parameters and optimizer ------------------------------------------------------------------------
+    def _capture(self, param_trace: poutine.Trace) -> None:
+        store = pyro.get_param_store()
+        names = [name for name, site in param_trace.nodes.items() if site["type"] == "param"]
+        if not names:
+            raise ValueError("the model/guide pair has no parameters to optimize (no pyro.param/pyro.module)")
+        params = [store[name].unconstrained() for name in names]
+        if self.module is not None:
+            captured = {id(p) for p in params}
+            stale = [
+                name
+                for name, p in self.module.named_parameters()
+                if p.requires_grad and id(p) not in captured
+            ]
+            if stale:
+                raise ValueError(
+                    f"parameters {stale[:3]} of {type(self.module).__name__} are not the tensors Pyro's "
+                    "param store holds for this pair, so training would not change them. Two families with "
+                    "the same name in one process? Give each a unique name (or clear the param store)."
+                )
+        self.param_names, self.params = names, params
+        kwargs = dict(self.adam_kwargs)
+        if "fused" not in kwargs and _fused_supported(params):
+            kwargs["fused"] = True
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, **kwargs)
+        if self._pending_optimizer_state is not None:
+            self._load_optimizer_state(self._pending_optimizer_state)
+            self._pending_optimizer_state = None
+
+    def state_dict(self) -> dict:
+        """Optimizer state (a copy) keyed by parameter order, with the param-store names of that order."""
+        if self.optimizer is None:
+            return copy.deepcopy(self._pending_optimizer_state or {})
+        return {
+            "param_names": list(self.param_names),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict, rename: Callable[[str], str] | None = None) -> None:
+        """Restore optimizer state (applied on the first step, once the parameters are known).
+
+        :param state: from :meth:`state_dict`.
+        :param rename: maps saved param-store names to current ones (a family rebuilt under a new name).
+        """
+        if not state:
+            return
+        state = dict(state)
+        if rename is not None:
+            state["param_names"] = [rename(name) for name in state["param_names"]]
+        if self.optimizer is None:
+            self._pending_optimizer_state = state
+        else:
+            self._load_optimizer_state(state)
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if list(state["param_names"]) != list(self.param_names):
+            raise ValueError(
+                "the saved optimizer state belongs to other parameters: saved "
+                f"{state['param_names'][:3]}…, this pair has {self.param_names[:3]}…"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if self.engine != "eager" and self.params is not None and self.disabled_reason is None:
+            signature = _signature(args, kwargs)
+            if self._graph is None and self._graph_signature is None:
+                self._build_graph(args, kwargs, signature)
+            if self._graph is not None and signature == self._graph_signature:
+                loss = self._graph_step(args, kwargs)
+                if loss is not None:
+                    return loss
+        return self._eager_step(args, kwargs)
+
+    def _loss_and_backward(self, args, kwargs) -> torch.Tensor:
+        differentiable_loss = getattr(self.elbo, "differentiable_loss", None)
+        if differentiable_loss is not None:
+            loss = differentiable_loss(self.model, self.guide, *args, **kwargs)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+            return loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        return torch.tensor(float(self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)))
+
+    def _eager_step(self, args, kwargs) -> torch.Tensor:
+        if self.params is None:
+            with poutine.trace(param_only=True) as capture:
+                loss = self._loss_and_backward(args, kwargs)
+            self._capture(capture.trace)
+        else:
+            loss = self._loss_and_backward(args, kwargs)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
+        self.counts["eager"] += 1
+        return loss.to(self.params[0].device)
+
+    def _run_graph(self, data: list[torch.Tensor]):
+        if self._traced is None:
+            return self._graph(self.params, data)
+        try:  # first call of the compiled graph: compile now, or fall back to the traced graph
+            outputs = self._graph(self.params, data)
+        except Exception as error:
+            warnings.warn(
+                f"SVIStep: torch.compile failed ({type(error).__name__}: {error}); replaying the traced "
+                "graph uncompiled",
+                stacklevel=4,
+            )
+            self._graph = self._traced
+            outputs = self._graph(self.params, data)
+        self._traced = None
+        return outputs
+
+    def _graph_step(self, args, kwargs) -> torch.Tensor | None:
+        with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
+            outputs = self._run_graph(_leaves((args, kwargs)))
+        loss, grads, guards_hold = outputs
+        if not bool(guards_hold):
+            self.counts["guard_failures"] += 1
+            self._guard_failures += 1
+            if self._guard_failures >= 3:
+                self.disabled_reason = (
+                    "its guards failed on 3 steps in a row: the program reads tensor values in Python "
+                    "(bool(t), t.item()) that change from step to step"
+                )
+                warnings.warn(
+                    f"SVIStep: leaving the {self.engine} engine, {self.disabled_reason}", stacklevel=3
+                )
+            return None  # recompute this step eagerly (raising any validation error)
+        self._guard_failures = 0
+        for param, grad in zip(self.params, grads):
+            param.grad = grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
+        self.counts["graph"] += 1
+        return loss
+
+    # ---- tracing -----------------------------------------------------------------------------------------
+    def _build_graph(self, args, kwargs, signature) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self._graph_signature = signature
+        params = self.params
+        treedef_args = (args, kwargs)
+
+        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
+            recorder = _GuardRecorder()
+            with recorder.mode:
+                loss = self.elbo.differentiable_loss(
+                    self.model, self.guide, *treedef_args[0], **treedef_args[1]
+                )
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            return loss.detach(), grads, recorder.all_hold()
+
+        devices = [p.device for p in params if p.device.type == "cuda"][:1]
+        try:
+            # Tracing runs the program once: keep the random number stream as if it had not.
+            with torch.random.fork_rng(devices=devices), _loss_values_as_tensors(), pyro.poutine.block():
+                graph = make_fx(step)(params, _leaves(treedef_args))
+        except Exception as error:
+            self.disabled_reason = f"tracing failed ({type(error).__name__}: {error})"
+            warnings.warn(f"SVIStep: running eagerly, {self.disabled_reason}", stacklevel=3)
+            return
+        if self.engine == "compile":
+            self._traced = graph
+            graph = torch.compile(graph, fullgraph=True, dynamic=False)
+        self._graph = graph

@@ -1,0 +1,291 @@
+"""Training a family by SVI over a data loader: epochs, Adam, test ELBO, atomic checkpoints, exact resume.
+
+:func:`train` is generic: it needs a family (an ``nn.Module`` with ``model``/``guide``, or a
+``svi_program(objective) -> (model, guide, elbo)`` method for pairs trained on another objective, e.g. a
+diffusion model's time-subsampled pair) and a loader yielding ``x`` or ``(x, labels)``. Every step computes
+Pyro's own ELBO for the pair (:class:`~pvae.inference.step.SVIStep`); ``engine="trace"``/``"compile"``
+replay a recorded graph of that same computation.
+
+Reported numbers are in **nats per datum**: the train ELBO of an epoch is −(Σ step losses)/(Σ batch sizes)
+over its steps (parameters move during the epoch, as usual), the test ELBO the same objective evaluated on
+the test loader without gradients after the epoch.
+
+Resuming: a checkpoint is written atomically after every epoch (after the test evaluation), holding the
+family, the optimizer, Python/NumPy/torch/CUDA generator states and the training loader's generator. A run
+resumed from it replays the remaining epochs exactly as the uninterrupted run would have (bit for bit on
+CPU with the eager or trace engine), wherever the interruption happened within the next epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from pyro.infer.elbo import ELBO
+
+from pvae.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    param_renamer,
+    restore_family,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pvae.inference.objectives import make_elbo
+from pvae.inference.step import ENGINES, SVIStep
+from pvae.utils import progress_bar, resolve_device, seed_everything
+
+__all__ = ["History", "batch_data", "train"]
+
+
+@dataclass
+class History:
+    """Per-epoch record of a training run (JSON-serializable with :meth:`to_dict`).
+
+    ``train_elbo``/``test_elbo``: nats per datum after each epoch (for a non-ELBO objective such as a
+    diffusion model's L_simple, minus that objective); ``epoch_seconds``: wall time of each epoch's training
+    pass; ``eval_seconds``: of its test evaluation; ``step_losses``: the loss per datum of every step.
+    """
+
+    objective: str = "elbo"
+    train_elbo: list[float] = field(default_factory=list)
+    test_elbo: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        """Number of completed epochs."""
+        return len(self.train_elbo)
+
+    def to_dict(self) -> dict:
+        """Plain lists and strings (for JSON and checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{key: list(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
+def batch_data(batch) -> torch.Tensor:
+    """The data tensor of a loader's batch: ``x`` itself, or the first entry of ``(x, labels)``."""
+    if isinstance(batch, list | tuple):
+        if not batch:
+            raise ValueError("the loader yielded an empty batch")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise ValueError(f"the loader must yield tensors x or (x, labels), got {type(batch).__name__}")
+    return batch
+
+
+def _check_epochs(epochs) -> int:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    return epochs
+
+
+def _loader_generator(loader) -> torch.Generator | None:
+    generator = getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _program(family, objective, num_particles: int, jit: bool):
+    """(model, guide, training ELBO, evaluation ELBO) for the family and objective."""
+    svi_program = getattr(family, "svi_program", None)
+    if callable(svi_program):
+        model, guide, elbo = svi_program(objective)
+        return model, guide, elbo, elbo
+    elbo = make_elbo(objective, num_particles=num_particles, jit=jit)
+    # Pyro's jitted ELBOs freeze batch shapes: evaluate test batches with the plain ELBO of the same kind.
+    evaluation = make_elbo(objective, num_particles=num_particles) if jit else elbo
+    return family.model, family.guide, elbo, evaluation
+
+
+def _objective_name(objective) -> str:
+    return objective if isinstance(objective, str) else type(objective).__name__
+
+
+@torch.no_grad()
+def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) -> float:
+    """The objective's loss per datum over a loader (no gradients)."""
+    total, count = 0.0, 0
+    for batch in loader:
+        x = batch_data(batch).to(device)
+        total += float(elbo.loss(model, guide, x))
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("test_loader yielded no data")
+    return total / count
+
+
+def _first_bad_step(losses: list[torch.Tensor]) -> int | None:
+    finite = torch.isfinite(torch.stack(losses))
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0, 0])
+
+
+def train(
+    family,
+    train_loader: Iterable,
+    test_loader: Iterable | None = None,
+    *,
+    epochs: int,
+    objective: str | ELBO = "elbo",
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    progress: bool = True,
+    jit: bool = False,
+    num_particles: int = 1,
+    engine: str = "eager",
+    adam_kwargs: dict | None = None,
+    metadata: dict | None = None,
+) -> History:
+    """Fit a family by SVI with Adam for a number of epochs over ``train_loader``.
+
+    :param family: an ``nn.Module`` with ``model(x)``/``guide(x)`` (a :class:`pvae.family.Family`), or with
+        ``svi_program(objective) -> (model, guide, elbo)``. If it has ``after_step()``, that is called after
+        every optimizer step (e.g. an exponential moving average of weights).
+    :param train_loader: iterable of ``x`` or ``(x, labels)`` batches, re-iterated every epoch
+        (:class:`pvae.data.BatchLoader` is the fast choice); batches are moved to the family's device.
+    :param test_loader: optional; the objective is evaluated on it after every epoch.
+    :param epochs: total number of epochs (a resumed run continues up to this number).
+    :param objective: ``"elbo"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic KL),
+        ``"iwae"`` (IWAE-k with k = ``num_particles``), or a Pyro ELBO instance.
+    :param lr: Adam learning rate.
+    :param device: move the family there first (``"cpu"``, ``"cuda"``); default: where it already is.
+    :param checkpoint: file to write after every epoch (atomically); needed for ``resume``.
+    :param resume: continue from ``checkpoint`` if it exists (else start afresh).
+    :param seed: seeds Python, NumPy, torch and Pyro before training (a resumed run restores the states
+        saved in the checkpoint instead).
+    :param progress: tqdm bar with the running loss per datum (stderr, only on a terminal).
+    :param jit: use Pyro's ``JitTrace_ELBO``/``JitTraceMeanField_ELBO`` (TorchScript-traced loss).
+    :param num_particles: k of IWAE-k; for the ELBOs, samples averaged per step.
+    :param engine: ``"eager"``, ``"trace"`` (replay a recorded graph of the step) or ``"compile"`` (that
+        graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
+    :param adam_kwargs: further ``torch.optim.Adam`` arguments.
+    :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
+    :returns: the :class:`History` of all epochs (including those before a resume).
+    :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
+        last good checkpoint in place.
+    """
+    epochs = _check_epochs(epochs)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if jit and engine != "eager":
+        raise ValueError(f"jit=True (Pyro's JitTrace_ELBO) runs with engine='eager', not engine={engine!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    if device is not None:
+        family.to(resolve_device(device))
+    device = family.device
+    if seed is not None:
+        seed_everything(seed)
+
+    model, guide, elbo, evaluation_elbo = _program(family, objective, num_particles, jit)
+    after_step = getattr(family, "after_step", None)
+    step = SVIStep(
+        model,
+        guide,
+        elbo,
+        lr=lr,
+        engine=engine,
+        module=family,
+        after_step=after_step if callable(after_step) else None,
+        adam_kwargs=adam_kwargs,
+    )
+    history = History(objective=_objective_name(objective))
+    start_epoch = 0
+    if resume and os.path.isfile(checkpoint):
+        saved = load_checkpoint(checkpoint, map_location=device)
+        restore_family(family, saved, device=device)
+        rename = param_renamer(saved["family"]["name"], family.name)
+        step.load_state_dict(saved.get("optimizer") or {}, rename=rename)
+        if saved.get("rng") is not None:
+            restore_rng_state(saved["rng"])
+        generator = _loader_generator(train_loader)
+        if generator is not None and saved.get("loader") is not None:
+            generator.set_state(saved["loader"])
+        if saved.get("history"):
+            history = History.from_dict(saved["history"])
+        start_epoch = int(saved["epoch"])
+
+    train_config = {
+        "objective": history.objective,
+        "lr": float(lr),
+        "epochs": epochs,
+        "num_particles": int(num_particles),
+        "jit": bool(jit),
+        "engine": engine,
+        "seed": seed,
+        **(metadata or {}),
+    }
+    for epoch in range(start_epoch, epochs):
+        family.train()
+        losses: list[torch.Tensor] = []
+        sizes: list[int] = []
+        started = time.perf_counter()
+        total = len(train_loader) if hasattr(train_loader, "__len__") else None
+        shown, last_update = 0, started
+        with progress_bar(
+            train_loader, progress=progress, total=total, desc=f"epoch {epoch + 1}/{epochs}"
+        ) as bar:
+            for batch in bar:
+                x = batch_data(batch)
+                if x.device != device:
+                    x = x.to(device, non_blocking=True)
+                losses.append(step(x))
+                sizes.append(x.shape[0])
+                now = time.perf_counter()
+                if now - last_update > 0.5:  # the running loss, and an early stop on NaN, twice a second
+                    running = torch.stack(losses[shown:]).sum().item() / sum(sizes[shown:])
+                    if not math.isfinite(running):
+                        break
+                    bar.set_postfix(loss=f"{running:.2f}")
+                    last_update = now
+        epoch_seconds = time.perf_counter() - started
+        bad = _first_bad_step(losses)
+        if bad is not None:
+            kept = (
+                f"the last good checkpoint ({checkpoint}) is kept"
+                if checkpoint
+                else "no checkpoint is written"
+            )
+            raise FloatingPointError(
+                f"the loss became {float(losses[bad])} at epoch {epoch + 1}, step {bad + 1} of this epoch; "
+                f"{kept}. Try a smaller lr (now {lr})."
+            )
+        step_losses = [value / size for value, size in zip(torch.stack(losses).tolist(), sizes)]
+        history.step_losses += step_losses
+        history.train_elbo.append(-sum(value * size for value, size in zip(step_losses, sizes)) / sum(sizes))
+        history.epoch_seconds.append(epoch_seconds)
+
+        if test_loader is not None:
+            started = time.perf_counter()
+            family.eval()
+            history.test_elbo.append(-_evaluate(evaluation_elbo, model, guide, test_loader, device))
+            family.train()
+            history.eval_seconds.append(time.perf_counter() - started)
+
+        if checkpoint is not None:
+            generator = _loader_generator(train_loader)
+            save_checkpoint(
+                checkpoint,
+                family,
+                epoch=epoch + 1,
+                history=history.to_dict(),
+                optimizer=step.state_dict(),
+                rng=capture_rng_state(),
+                loader=generator.get_state() if generator is not None else None,
+                train_config=train_config,
+            )
+    return history

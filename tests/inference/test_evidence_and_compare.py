@@ -1,0 +1,201 @@
+"""compare / log_evidence on pairs written here, not in the library: they must work for any user pair."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pvae.inference import compare, log_evidence
+
+PRIOR_SCALE, NOISE = 2.0, 0.5
+
+
+def conjugate_model(x):
+    """z ~ N(0, 2²), x | z ~ N(z, 0.5²) per datum."""
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(x), PRIOR_SCALE))
+        pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+
+def shifted_guide(x):
+    """A deliberately imperfect Gaussian guide: right form, wrong mean and width."""
+    loc, scale = _posterior_parameters(x)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(loc + 0.3, scale * 1.4))
+
+
+def _posterior_parameters(x):
+    precision = 1 / PRIOR_SCALE**2 + 1 / NOISE**2
+    return x / NOISE**2 / precision, torch.full_like(x, precision**-0.5)
+
+
+def posterior(x):
+    return dist.Normal(*_posterior_parameters(x))
+
+
+def log_marginal(x):
+    return dist.Normal(torch.zeros_like(x), math.sqrt(PRIOR_SCALE**2 + NOISE**2)).log_prob(x)
+
+
+def analytic_kl(x):
+    return torch.distributions.kl_divergence(dist.Normal(*_shifted(x)), posterior(x))
+
+
+def _shifted(x):
+    loc, scale = _posterior_parameters(x)
+    return loc + 0.3, scale * 1.4
+
+
+X = torch.tensor([-1.5, 0.0, 0.7, 2.0], dtype=torch.float64)
+
+
+def test_gap_equals_analytic_kl_within_monte_carlo_error():
+    result = compare(
+        conjugate_model, shifted_guide, X, posterior=posterior, log_marginal=log_marginal, num_samples=4000
+    )
+    kl = analytic_kl(X)
+    assert result.kl_method == "analytic"
+    torch.testing.assert_close(result.per_datum["kl"], kl)
+    assert abs(result.gap - kl.sum().item()) <= 4 * result.elbo_stderr
+    assert result.elbo_stderr > 0  # the Monte-Carlo ELBO really is noisy here
+
+
+def test_monte_carlo_kl_when_no_closed_form():
+    def two_site_guide(x):  # a second latent site rules out the closed form
+        loc, scale = _shifted(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale))
+            pyro.sample("aux", dist.Normal(torch.zeros_like(x), 1.0))
+
+    def model_with_aux(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), PRIOR_SCALE))
+            pyro.sample("aux", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    result = compare(model_with_aux, two_site_guide, X, posterior=posterior, site="z", num_samples=20000)
+    assert result.kl_method == "monte-carlo"
+    kl = analytic_kl(X)
+    assert abs(result.kl - kl.sum().item()) <= 4 * result.kl_stderr
+    assert not result.log_marginal_exact
+
+
+def test_iwae_estimate_without_log_marginal_is_close():
+    result = compare(conjugate_model, shifted_guide, X, num_samples=5000)
+    exact = log_marginal(X)
+    assert (result.per_datum["log_marginal"] - exact).abs().max().item() < 0.05
+    assert result.kl is None and result.site == "z"
+
+
+def test_naive_and_importance_sampled_evidence_agree_and_naive_spreads_more():
+    """Both estimators agree with the exact log p(x); over repeats the naive (prior) one spreads more."""
+    exact = log_marginal(X)
+    guided = torch.stack(
+        [log_evidence(conjugate_model, shifted_guide, X, num_samples=200) for _ in range(40)]
+    )
+    naive = torch.stack(
+        [log_evidence(conjugate_model, None, X, num_samples=200, proposal="prior") for _ in range(40)]
+    )
+    # with k = 200 the log of the mean is nearly unbiased for both; allow 4 standard errors of the mean
+    for estimates in (guided, naive):
+        mean, stderr = estimates.mean(0), estimates.std(0) / math.sqrt(len(estimates))
+        assert ((mean - exact).abs() <= 4 * stderr + 2e-3).all(), (mean - exact, stderr)
+    assert (naive.std(0) > 2 * guided.std(0)).all(), (naive.std(0), guided.std(0))
+
+
+def test_effective_sample_size():
+    _, ess_exact = log_evidence(conjugate_model, _exact, X, num_samples=500, return_ess=True)
+    torch.testing.assert_close(ess_exact, torch.full_like(X, 500.0))  # perfect proposal: equal weights
+    _, ess_prior = log_evidence(conjugate_model, None, X, num_samples=500, proposal="prior", return_ess=True)
+    assert (ess_prior < 300).all() and (ess_prior >= 1).all()
+
+
+def _exact(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", posterior(x))
+
+
+def test_exact_guide_has_zero_gap_and_iwae_is_exact():
+    result = compare(conjugate_model, _exact, X, posterior=posterior, log_marginal=log_marginal)
+    assert abs(result.gap) < 1e-10 and result.elbo_stderr < 1e-10
+    torch.testing.assert_close(log_evidence(conjugate_model, _exact, X, num_samples=10), log_marginal(X))
+
+
+def test_point_mass_guide_has_no_evidence():
+    def delta_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Delta(x))
+
+    with pytest.raises(ValueError, match="point mass"):
+        log_evidence(conjugate_model, delta_guide, X)
+
+
+def test_nested_plates_and_event_dims_reduce_per_datum():
+    """The "data" plate at dim -2 with an inner plate; per-datum terms sum over the inner plate."""
+
+    def model(x):  # x: (N, 3)
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("feature", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, PRIOR_SCALE).expand([x.shape[0], 3]))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("feature", 3, dim=-1):
+            pyro.sample("z", posterior(x))
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = log_marginal(x).sum(-1)
+    torch.testing.assert_close(log_evidence(model, guide, x, num_samples=7), expected)
+    result = compare(model, guide, x, log_marginal=lambda x: log_marginal(x).sum(-1))
+    assert result.per_datum["elbo"].shape == (5,)
+    torch.testing.assert_close(result.per_datum["elbo"], expected)
+
+
+def test_table_dict_and_plot(tmp_path):
+    result = compare(conjugate_model, shifted_guide, X, posterior=posterior, log_marginal=log_marginal)
+    table = result.table()
+    assert "x=-1.5" in table and "total" in table
+    payload = result.to_dict()
+    assert set(payload["per_datum"]) == {"elbo", "log_marginal", "gap", "kl"}
+    assert len(payload["per_datum"]["kl"]) == len(X)
+    path = result.plot(str(tmp_path / "overlay.png"))
+    assert (tmp_path / "overlay.png").stat().st_size > 10_000 and path.endswith("overlay.png")
+    assert "| **total** |" in result.markdown()
+
+
+def test_discrete_site_plot(tmp_path):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
+            pyro.sample("x", dist.Normal(k.to(x.dtype), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("k", dist.Categorical(logits=torch.zeros(x.shape[0], 3)))
+
+    result = compare(model, guide, torch.tensor([0.0, 2.0]), num_samples=200)
+    result.plot(str(tmp_path / "bars.png"))
+    assert (tmp_path / "bars.png").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_samples": 1}, "num_samples"),
+        ({"posterior": 3}, "posterior"),
+        ({"log_marginal": "x"}, "log_marginal"),
+        ({"site": "nope"}, "site"),
+    ],
+    ids=["num_samples", "posterior", "log_marginal", "site"],
+)
+def test_compare_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compare(conjugate_model, shifted_guide, X, **kwargs)
+
+
+def test_log_evidence_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_samples"):
+        log_evidence(conjugate_model, shifted_guide, X, num_samples=0)
+    with pytest.raises(ValueError, match="proposal"):
+        log_evidence(conjugate_model, shifted_guide, X, proposal="posterior")

@@ -1,0 +1,199 @@
+"""SVIStep: the traced (trace-once/replay) step equals Pyro's eager Trace_ELBO step bit for bit, keeps
+validation through guards, and the compiled step agrees with it."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pvae.family import Family
+from pvae.inference.objectives import IWAE_ELBO
+from pvae.inference.step import SVIStep
+from pvae.models.ae import DAE
+from pvae.models.vae import VAE
+
+
+def _batches(count, batch=16, dim=20, seed=0, binary=True):
+    generator = torch.Generator().manual_seed(seed)
+    grey = torch.rand(count, batch, dim, generator=generator)
+    return torch.bernoulli(grey, generator=generator) if binary else grey
+
+
+def _run(make_family, make_elbo, engine, batches, seed=0):
+    pyro.set_rng_seed(seed)
+    family = make_family()
+    step = SVIStep(family.model, family.guide, make_elbo(), lr=1e-2, engine=engine, module=family)
+    losses = torch.stack([step(x) for x in batches])
+    return family, step, losses
+
+
+FAMILIES = {
+    "vae": lambda: VAE(x_dim=20, z_dim=3, hidden_dim=16),
+    "vae-gaussian": lambda: VAE(x_dim=20, z_dim=3, hidden_dim=16, likelihood="gaussian", scale=0.5),
+    "dae": lambda: DAE(x_dim=20, hidden_dim=16, z_dim=4, corruption="mask", noise=0.3),
+}
+ELBOS = {
+    "elbo": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+    "iwae": lambda: IWAE_ELBO(num_particles=3),
+    "elbo-2particles": lambda: Trace_ELBO(num_particles=2),
+}
+CASES = [("vae", "elbo"), ("vae", "meanfield"), ("vae", "iwae"), ("vae", "elbo-2particles")]
+CASES += [("vae-gaussian", "elbo"), ("dae", "elbo")]
+
+
+@pytest.mark.parametrize("family_name, elbo_name", CASES, ids=[f"{f}-{e}" for f, e in CASES])
+def test_traced_step_equals_the_eager_pyro_step_bit_for_bit(family_name, elbo_name):
+    batches = _batches(12, binary=family_name == "vae")
+    eager_family, eager, eager_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "eager", batches)
+    traced_family, traced, traced_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "trace", batches)
+    assert traced.counts["graph"] == 11 and traced.counts["eager"] == 1 and traced.disabled_reason is None
+    for (name, a), b in zip(eager_family.named_parameters(), traced_family.parameters()):
+        assert torch.equal(a, b), name  # same draws, same kernels: identical after 12 Adam steps
+    # Pyro adds the reported loss up in Python floats, the graph in float32: equal to rounding.
+    torch.testing.assert_close(traced_losses, eager_losses, rtol=1e-6, atol=1e-4)
+
+
+def test_one_traced_step_has_trace_elbos_loss_and_gradients():
+    family = FAMILIES["vae"]()
+    x = _batches(2)
+    step = SVIStep(family.model, family.guide, Trace_ELBO(), engine="trace", module=family)
+    step(x[0])  # eager first step; the graph is recorded on the next one
+    step._build_graph((x[1],), {}, None)
+    params = step.params
+    pyro.set_rng_seed(11)
+    loss, grads, guards = step._graph(params, [x[1]])
+    pyro.set_rng_seed(11)
+    reference = Trace_ELBO().differentiable_loss(family.model, family.guide, x[1])
+    expected = torch.autograd.grad(reference, params)
+    assert bool(guards)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-4)
+    for grad, want in zip(grads, expected):
+        assert torch.equal(grad, want)
+
+
+def test_a_smaller_last_batch_runs_eagerly_and_still_matches():
+    full = list(_batches(4))
+    batches = [*full, full[0][:5]]  # (16, 20) × 4 then (5, 20)
+    eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches)
+    traced_family, traced, traced_losses = _run(FAMILIES["vae"], Trace_ELBO, "trace", batches)
+    assert traced.counts == {"eager": 2, "graph": 3, "guard_failures": 0}
+    for a, b in zip(eager_family.parameters(), traced_family.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(traced_losses, eager_losses, rtol=1e-6, atol=1e-4)
+
+
+def test_validation_still_runs_on_replayed_steps():
+    family = FAMILIES["vae"]()
+    step = SVIStep(family.model, family.guide, Trace_ELBO(), engine="trace", module=family)
+    for x in _batches(3):
+        step(x)
+    assert step.counts["graph"] == 2
+    grey = _batches(1, binary=False)[0]
+    with pytest.raises(ValueError, match="binary"):  # the guard fails, the eager rerun raises the VAE's error
+        step(grey)
+    assert step.counts["guard_failures"] == 1
+
+    gaussian = FAMILIES["vae-gaussian"]()
+    step = SVIStep(gaussian.model, gaussian.guide, Trace_ELBO(), engine="trace", module=gaussian)
+    for x in _batches(3, binary=False):
+        step(x)
+    bad = _batches(1, binary=False)[0].clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        step(bad)
+
+
+class Branching(Family):
+    """A model whose structure depends on a tensor value read in Python (not traceable once for all)."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.loc = torch.nn.Parameter(torch.zeros(()))
+        self.config = {"name": name}
+
+    def model(self, x):
+        pyro.module(self.name, self)
+        scale = 1.0 if x.mean() > 0 else 2.0  # a Python branch on data
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.loc, scale), obs=x)
+
+    def guide(self, x):
+        pyro.module(self.name, self)
+
+
+def test_data_dependent_branches_fall_back_to_eager_steps():
+    family = Branching()
+    step = SVIStep(family.model, family.guide, Trace_ELBO(), lr=0.1, engine="trace", module=family)
+    positive, negative = torch.full((8,), 1.0), torch.full((8,), -1.0)
+    step(positive)
+    step(positive)  # recorded with the "> 0" branch
+    expected = -dist.Normal(family.loc.detach(), 2.0).log_prob(negative).sum()
+    assert torch.allclose(step(negative), expected)  # guard failed: this step ran eagerly, correctly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(negative)
+        step(negative)
+    assert step.disabled_reason is not None and "guards failed" in step.disabled_reason
+    assert any("leaving the trace engine" in str(w.message) for w in caught)
+    step(positive)
+    assert step.counts["graph"] == 1 and step.counts["eager"] == 5
+
+
+def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers():
+    import torch._inductor.config as inductor_config
+
+    batches = _batches(4)
+    eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches)
+    with inductor_config.patch(fallback_random=True):  # draw random numbers as eager torch does
+        compiled_family, compiled, compiled_losses = _run(FAMILIES["vae"], Trace_ELBO, "compile", batches)
+    assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-3)
+    for a, b in zip(eager_family.parameters(), compiled_family.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_shared_with_another_family_are_refused():
+    first = VAE(x_dim=20, z_dim=3, hidden_dim=16, name="twin")
+    SVIStep(first.model, first.guide, Trace_ELBO(), module=first)(_batches(1)[0])
+    second = VAE(x_dim=20, z_dim=3, hidden_dim=16, name="twin")  # same param-store prefix
+    step = SVIStep(second.model, second.guide, Trace_ELBO(), module=second)
+    with pytest.raises(ValueError, match="same name"):
+        step(_batches(1)[0])
+
+
+def test_optimizer_state_round_trip_with_renamed_parameters():
+    batches = _batches(3)
+    family = VAE(x_dim=20, z_dim=3, hidden_dim=16, name="before")
+    step = SVIStep(family.model, family.guide, Trace_ELBO(), module=family)
+    step(batches[0])
+    state = step.state_dict()
+    assert state["param_names"][0].startswith("before$$$")
+    other = VAE(x_dim=20, z_dim=3, hidden_dim=16, name="after")
+    other.load_state_dict(family.state_dict())
+    resumed = SVIStep(other.model, other.guide, Trace_ELBO(), module=other)
+    resumed.load_state_dict(state, rename=lambda name: name.replace("before", "after", 1))
+    pyro.set_rng_seed(4)
+    step(batches[1])
+    pyro.set_rng_seed(4)
+    resumed(batches[1])
+    for a, b in zip(family.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_raise():
+    family = FAMILIES["vae"]()
+    with pytest.raises(ValueError, match="engine"):
+        SVIStep(family.model, family.guide, Trace_ELBO(), engine="fast")
+    with pytest.raises(ValueError, match="lr"):
+        SVIStep(family.model, family.guide, Trace_ELBO(), lr=0.0)
+
+    def no_params(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="no parameters"):
+        SVIStep(no_params, lambda x: None, Trace_ELBO())(torch.zeros(3))
