@@ -30,7 +30,7 @@ Sites (all inside ``pyro.plate("data", N)``, each with ``.to_event(len(data_shap
   sites at every t. The constant L_T enters through ``pyro.factor("prior_kl", −L_T)``. Under Trace_ELBO
   its expectation is the full chain's ELBO. This is the pair that trains on images.
 
-Objectives (:meth:`DDPM.svi_program`): ``"elbo"`` — the subsampled pair with Trace_ELBO; ``"elbo-analytic"``
+Objectives (:meth:`DDPM.svi_program`): ``"elbo"`` — the subsampled pair with Trace_ELBO; ``"meanfield"``
 — the same pair with TraceMeanField_ELBO (the per-step KL in closed form given x_t: the same ELBO, less
 variance); ``"simple"`` — DDPM's L_simple (Eq. 14), E_{t,ε}‖ε − ε_θ(x_t, t)‖², which is **not an ELBO** but a
 reweighting of it: L_{t−1} = w_t·E‖ε − ε_θ‖² + c_t with w_t = β_t²/(2σ_t²α_t(1−ᾱ_t)), so the same program
@@ -77,7 +77,7 @@ __all__ = [
 SCHEDULES = ("linear", "cosine")
 REVERSE_VARIANCES = ("beta", "beta_tilde")
 DECODERS = ("gaussian", "discretized")
-OBJECTIVES = ("elbo", "elbo-analytic", "simple")
+OBJECTIVES = ("elbo", "meanfield", "simple")
 WEIGHTINGS = ("elbo", "simple")
 MAX_BETA = 0.999
 COSINE_OFFSET = 0.008
@@ -455,9 +455,12 @@ class DDPM(Family):
                 x = pyro.sample(f"x_{t - 1}", self._reverse(mean, t), obs=x0 if t == 1 else None)
 
     def guide(self, x0: torch.Tensor) -> None:
-        """Forward posterior chain: x_T ~ q(x_T | x_0), x_{t−1} ~ q(x_{t−1} | x_t, x_0) for t = T … 2."""
+        """Forward posterior chain: x_T ~ q(x_T | x_0), x_{t−1} ~ q(x_{t−1} | x_t, x_0) for t = T … 2.
+
+        The forward process has no parameters, so the guide registers none (the model registers the
+        denoiser with ``pyro.module``).
+        """
         x0 = self._check_data(x0)
-        pyro.module(self.name, self)
         with pyro.plate("data", x0.shape[0]):
             x = pyro.sample(f"x_{self.timesteps}", self._forward_marginal(x0, self.timesteps))
             for t in range(self.timesteps, 1, -1):
@@ -520,8 +523,7 @@ class DDPM(Family):
         """
         x0 = self._check_data(x0)
         self._check_weighting(weighting)
-        pyro.module(self.name, self)
-        with pyro.plate("data", x0.shape[0]):
+        with pyro.plate("data", x0.shape[0]):  # no parameters here: pyro.module is the model's
             with self._time_plate(x0, timestep) as index:
                 t = int(index[0]) + 1
                 x_t = pyro.sample("x_t", self._forward_marginal(x0, t).mask(False))
@@ -532,14 +534,14 @@ class DDPM(Family):
         """(model, guide, loss) to train with SVI for ``objective``:
 
         - ``"elbo"``: the time-subsampled pair with ``Trace_ELBO`` — an unbiased estimate of the ELBO;
-        - ``"elbo-analytic"``: the same pair with ``TraceMeanField_ELBO`` (the KL of x_prev in closed form
+        - ``"meanfield"``: the same pair with ``TraceMeanField_ELBO`` (the KL of x_prev in closed form
           given x_t: the same ELBO, lower variance);
         - ``"simple"``: DDPM's L_simple = E_{t,ε}‖ε − ε_θ(x_t, t)‖² (Eq. 14), summed over data and dims.
           A reweighted objective, **not** an ELBO: the per-t ELBO term divided by T·w_t, constants removed.
         """
         if objective == "elbo":
             return self.model_subsampled, self.guide_subsampled, Trace_ELBO()
-        if objective == "elbo-analytic":
+        if objective == "meanfield":
             return self.model_subsampled, self.guide_subsampled, TraceMeanField_ELBO()
         if objective == "simple":
             model = functools.partial(self.model_subsampled, weighting="simple")
