@@ -52,6 +52,7 @@ def main(args):
         data_shape=(2,),
         timesteps=args.timesteps,
         schedule=args.schedule,
+        time_sampling=args.time_sampling,
         hidden_dim=args.hidden_dim,
     ).to(device)
     loader = BatchLoader(data, batch_size=args.batch_size, seed=args.seed)
@@ -96,6 +97,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-steps", type=int, default=3000)
     parser.add_argument("--timesteps", type=int, default=100)
     parser.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    parser.add_argument("--time-sampling", default="plate", choices=["plate", "per_datum"])
     parser.add_argument("--objective", default="meanfield", choices=list(OBJECTIVES))
     parser.add_argument("--num-data", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=256)

@@ -40,6 +40,7 @@ def main(args):
         data_shape=(1, 28, 28),
         timesteps=args.timesteps,
         schedule=args.schedule,
+        time_sampling=args.time_sampling,
         channels=tuple(args.channels),
         ema_decay=args.ema_decay,
     ).to(device)
@@ -86,6 +87,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-steps", type=int, default=2000)
     parser.add_argument("--timesteps", type=int, default=1000)
     parser.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    parser.add_argument("--time-sampling", default="plate", choices=["plate", "per_datum"])
     parser.add_argument("--objective", default="elbo", choices=list(OBJECTIVES))
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--ema-decay", type=float, default=0.999)

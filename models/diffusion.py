@@ -29,6 +29,11 @@ Sites (all inside ``pyro.plate("data", N)``, each with ``.to_event(len(data_shap
   ``"x_prev"`` under p_θ(x_{t−1} | x_t), i.e. under the decoder at t = 1, so model and guide have the same
   sites at every t. The constant L_T enters through ``pyro.factor("prior_kl", −L_T)``. Under Trace_ELBO
   its expectation is the full chain's ELBO. This is the pair that trains on images.
+  With ``time_sampling="per_datum"`` each datum gets its own timestep instead (as in DDPM's Algorithm 1):
+  the guide draws u ~ Uniform(0, T) at a masked site ``"t"`` in the data plate, t = ⌊u⌋ + 1, and the
+  x_prev term is scaled by T per datum (:class:`ForwardStep`/:class:`ReverseStep` hold the per-datum mix
+  of Gaussian steps and, where t = 1, the point mass and the decoder). Same expectation; one batch then
+  covers many timesteps, which trains faster per step.
 
 Objectives (:meth:`DDPM.svi_program`): ``"elbo"`` — the subsampled pair with Trace_ELBO; ``"meanfield"``
 — the same pair with TraceMeanField_ELBO (the per-step KL in closed form given x_t: the same ELBO, less
@@ -58,6 +63,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
+from torch.distributions import register_kl
 
 from pvae.data import check_model_space
 from pvae.denoisers import default_denoiser
@@ -68,8 +74,11 @@ __all__ = [
     "DDPM",
     "OBJECTIVES",
     "SCHEDULES",
+    "TIME_SAMPLING",
     "DDPMConfig",
     "DiscretizedGaussian",
+    "ForwardStep",
+    "ReverseStep",
     "SampleChain",
     "make_betas",
 ]
@@ -78,6 +87,7 @@ SCHEDULES = ("linear", "cosine")
 REVERSE_VARIANCES = ("beta", "beta_tilde")
 DECODERS = ("gaussian", "discretized")
 OBJECTIVES = ("elbo", "meanfield", "simple")
+TIME_SAMPLING = ("plate", "per_datum")
 WEIGHTINGS = ("elbo", "simple")
 MAX_BETA = 0.999
 COSINE_OFFSET = 0.008
@@ -135,6 +145,9 @@ def _schedule_tables(betas: torch.Tensor, reverse_variance: str) -> dict[str, to
         sigma2[1] = beta[1]  # the decoder at t = 1 uses β_1 whichever variance is chosen
     sigma2[0] = 1.0
     eps_coef = beta / (torch.sqrt(alpha) * torch.sqrt(safe))
+    posterior_coef_x0 = torch.sqrt(alpha_bar_prev) * beta / safe  # (Eq. 7)
+    posterior_coef_xt = torch.sqrt(alpha) * one_minus_alpha_bar_prev / safe
+    posterior_coef_x0[1], posterior_coef_xt[1] = 1.0, 0.0  # exactly: q(x_0 | x_1, x_0) is the point mass
     tables = {
         "beta": beta,
         "alpha": alpha,
@@ -142,8 +155,8 @@ def _schedule_tables(betas: torch.Tensor, reverse_variance: str) -> dict[str, to
         "sqrt_alpha_bar": torch.sqrt(alpha_bar),
         "sqrt_one_minus_alpha_bar": torch.sqrt(one_minus_alpha_bar),
         "beta_tilde": beta_tilde,
-        "posterior_coef_x0": torch.sqrt(alpha_bar_prev) * beta / safe,  # (Eq. 7)
-        "posterior_coef_xt": torch.sqrt(alpha) * one_minus_alpha_bar_prev / safe,
+        "posterior_coef_x0": posterior_coef_x0,
+        "posterior_coef_xt": posterior_coef_xt,
         "sigma2": sigma2,
         "recip_sqrt_alpha": 1 / torch.sqrt(alpha),  # μ_θ = x_t/√α_t − eps_coef·ε_θ (Eq. 11)
         "eps_coef": eps_coef,
@@ -240,6 +253,100 @@ class DiscretizedGaussian(TorchDistribution):
             return ((draw.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
+# ---- one reverse/forward step per datum (timesteps differ across the batch) ---------------------------
+class ForwardStep(TorchDistribution):
+    """q(x_{t−1} | x_t, x_0) with a per-datum t: N(loc, scale²) where scale > 0, the point mass at ``loc``
+    where scale = 0 (t = 1, β̃_1 = 0). Its log density is 0 on the point-mass entries (like ``Delta``)."""
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.greater_than_eq(0.0)}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ForwardStep, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
+        super(ForwardStep, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def point(self) -> torch.Tensor:
+        return self.scale == 0
+
+    def _gaussian(self) -> dist.Normal:
+        return dist.Normal(self.loc, torch.where(self.point, torch.ones_like(self.scale), self.scale))
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.scale * noise
+
+    def log_prob(self, value):
+        return torch.where(self.point, torch.zeros_like(self.loc), self._gaussian().log_prob(value))
+
+
+class ReverseStep(TorchDistribution):
+    """p_θ(x_{t−1} | x_t) with a per-datum t: N(loc, scale²), except the discretized decoder (Eq. 13) on the
+    entries where ``decoder`` is true (t = 1)."""
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, decoder: torch.Tensor, validate_args=None):
+        self.loc, self.scale, self.decoder = torch.broadcast_tensors(loc, scale, decoder)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ReverseStep, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
+        new.decoder = self.decoder.expand(batch_shape)
+        super(ReverseStep, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            gaussian = dist.Normal(self.loc, self.scale).sample(sample_shape)
+            pixels = DiscretizedGaussian(self.loc, self.scale).sample(sample_shape)
+            return torch.where(self.decoder, pixels, gaussian)
+
+    def log_prob(self, value):
+        gaussian = dist.Normal(self.loc, self.scale).log_prob(value)
+        if not bool(self.decoder.any()):
+            return gaussian
+        if self._validate_args and not bool(pixel_grid.check(value[self.decoder.expand(value.shape)]).all()):
+            raise ValueError("the decoder entries of the value must lie on the 256-level grid of [−1, 1]")
+        discretized = DiscretizedGaussian(self.loc, self.scale, validate_args=False).log_prob(value)
+        return torch.where(self.decoder, discretized, gaussian)
+
+
+def _gaussian_kl(loc_q, var_q, loc_p, var_p):
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (loc_q - loc_p).square()) / var_p - 1)
+
+
+@register_kl(ForwardStep, dist.Normal)
+def _kl_forward_step_normal(q, p):
+    point = q.point
+    var_q = torch.where(point, torch.ones_like(q.scale), q.scale.square())
+    kl = _gaussian_kl(q.loc, var_q, p.loc, p.scale.square())
+    return torch.where(point, -p.log_prob(q.loc), kl)
+
+
+@register_kl(ForwardStep, ReverseStep)
+def _kl_forward_step_reverse_step(q, p):
+    point = q.point
+    var_q = torch.where(point, torch.ones_like(q.scale), q.scale.square())
+    kl = _gaussian_kl(q.loc, var_q, p.loc, p.scale.square())
+    return torch.where(point, -p.log_prob(q.loc), kl)
+
+
 # ---- the family ----------------------------------------------------------------------------------------
 @dataclass
 class DDPMConfig:
@@ -254,6 +361,7 @@ class DDPMConfig:
     hidden_dim: int = 128
     num_blocks: int = 3
     channels: tuple[int, ...] = (32, 64)
+    time_sampling: str = "plate"
     name: str | None = None
 
 
@@ -285,6 +393,8 @@ class DDPM(Family):
     :param hidden_dim: width of the default MLP denoiser.
     :param num_blocks: residual blocks of the default MLP denoiser.
     :param channels: channel widths per level of the default U-Net.
+    :param time_sampling: how the subsampled pair draws timesteps: ``"plate"`` — one t per call for the
+        whole batch, by ``pyro.plate("time", T, subsample_size=1)``; ``"per_datum"`` — one t per datum.
     :param name: prefix in Pyro's param store (default: unique).
     """
 
@@ -300,6 +410,7 @@ class DDPM(Family):
         hidden_dim: int = 128,
         num_blocks: int = 3,
         channels: Sequence[int] = (32, 64),
+        time_sampling: str = "plate",
         name: str | None = None,
     ):
         super().__init__(name)
@@ -326,6 +437,8 @@ class DDPM(Family):
         ):
             raise ValueError(f"ema_decay must be a number in [0, 1) (0 turns EMA off), got {ema_decay!r}")
         channels = tuple(int(width) for width in channels)
+        if time_sampling not in TIME_SAMPLING:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
         self.config = DDPMConfig(
             data_shape=data_shape,
             timesteps=timesteps,
@@ -336,11 +449,13 @@ class DDPM(Family):
             hidden_dim=hidden_dim,
             num_blocks=num_blocks,
             channels=channels,
+            time_sampling=time_sampling,
             name=self.name,
         )
         self.data_shape = data_shape
         self.event_dims = len(data_shape)
         self.timesteps = timesteps
+        self.time_sampling = time_sampling
         self.decoder = decoder
         self.ema_decay = float(ema_decay)
         if denoiser is None:
@@ -355,6 +470,10 @@ class DDPM(Family):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         # schedule: float64 master on the CPU (Python floats for per-step use) + buffers on the device
         self._tables64 = _schedule_tables(make_betas(schedule, timesteps), reverse_variance)
+        self._tables64["kl_constant"] = torch.tensor(
+            [0.0] + [self._kl_constant_from(tables=self._tables64, t=t) for t in range(1, timesteps + 1)],
+            dtype=torch.float64,
+        )
         self._scalars = {name: table.tolist() for name, table in self._tables64.items()}
         self._register_schedule(torch.get_default_dtype(), torch.device("cpu"))
 
@@ -432,14 +551,17 @@ class DDPM(Family):
         per_dim = 0.5 * (alpha_bar * (x0.square() - 1) - math.log1p(-alpha_bar))
         return per_dim.reshape(x0.shape[0], -1).sum(-1)
 
-    def _kl_constant(self, t: int) -> float:
+    def _kl_constant_from(self, tables: dict[str, torch.Tensor], t: int) -> float:
         """c_t in L_{t−1} = w_t‖ε − ε_θ‖² + c_t, per datum (D dims); at t = 1 the Gaussian decoder's."""
         dims = math.prod(self.data_shape)
-        sigma2 = self._scalars["sigma2"][t]
+        sigma2 = tables["sigma2"][t].item()
         if t == 1:
             return 0.5 * dims * math.log(2 * math.pi * sigma2)
-        beta_tilde = self._scalars["beta_tilde"][t]
+        beta_tilde = tables["beta_tilde"][t].item()
         return 0.5 * dims * (math.log(sigma2 / beta_tilde) + beta_tilde / sigma2 - 1)
+
+    def _kl_constant(self, t: int) -> float:
+        return self._scalars["kl_constant"][t]
 
     # ---- full chain ------------------------------------------------------------------------------------
     def model(self, x0: torch.Tensor) -> None:
@@ -500,6 +622,9 @@ class DDPM(Family):
         with pyro.plate("data", x0.shape[0]):
             if weighting == "elbo":
                 pyro.factor("prior_kl", -self.prior_kl(x0))  # −L_T, constant in θ
+            if self.time_sampling == "per_datum":
+                self._per_datum_step(x0, timestep, weighting, model=True)
+                return
             with self._time_plate(x0, timestep) as index:
                 t = int(index[0]) + 1
                 x_t = pyro.sample("x_t", self._forward_marginal(x0, t).mask(False))  # (1, N, *shape)
@@ -524,11 +649,58 @@ class DDPM(Family):
         x0 = self._check_data(x0)
         self._check_weighting(weighting)
         with pyro.plate("data", x0.shape[0]):  # no parameters here: pyro.module is the model's
+            if self.time_sampling == "per_datum":
+                self._per_datum_step(x0, timestep, weighting, model=False)
+                return
             with self._time_plate(x0, timestep) as index:
                 t = int(index[0]) + 1
                 x_t = pyro.sample("x_t", self._forward_marginal(x0, t).mask(False))
                 with poutine.scale(scale=self._weight(t, weighting)):
                     pyro.sample("x_prev", self._forward_posterior(x_t, x0, t))
+
+    def _per_datum_step(self, x0: torch.Tensor, timestep: int | None, weighting: str, model: bool) -> None:
+        """The subsampled pair with ``time_sampling="per_datum"``: one timestep per datum, in the data plate.
+
+        u ~ Uniform(0, T) at site ``"t"`` (masked: it scores nothing) and t = ⌊u⌋ + 1, uniform on
+        {1, …, T}; then ``"x_t"`` and ``"x_prev"`` as in the plate version with per-datum coefficients, the
+        x_prev term scaled by T (ELBO) or by 1/w_t (L_simple) in model and guide alike.
+        """
+        view_tail = (1,) * self.event_dims
+        if timestep is None:
+            uniform = dist.Uniform(x0.new_zeros(()), x0.new_tensor(float(self.timesteps)))
+            u = pyro.sample("t", uniform.mask(False))  # (N,)
+            t = u.detach().floor().long().clamp(0, self.timesteps - 1) + 1
+        else:
+            t = torch.full((x0.shape[0],), self._check_timestep(timestep), device=x0.device)
+
+        def table(name):
+            return self._table(name, x0)[t].view(*t.shape, *view_tail)
+
+        marginal = dist.Normal(
+            table("sqrt_alpha_bar") * x0, table("sqrt_one_minus_alpha_bar").expand(x0.shape)
+        )
+        x_t = pyro.sample("x_t", marginal.to_event(self.event_dims).mask(False))  # (N, *shape)
+        if weighting == "elbo":
+            scale = float(self.timesteps)
+        else:
+            scale = 1.0 / self._table("simple_weight", x0)[t]  # (N,)
+        with poutine.scale(scale=scale):
+            if not model:
+                loc = table("posterior_coef_x0") * x0 + table("posterior_coef_xt") * x_t
+                step = ForwardStep(loc, table("beta_tilde").sqrt().expand(loc.shape))
+                pyro.sample("x_prev", step.to_event(self.event_dims))
+                return
+            eps = self.denoiser(x_t, t.to(x0.dtype))
+            mean = table("recip_sqrt_alpha") * x_t - table("eps_coef") * eps  # μ_θ (Eq. 11)
+            sigma = table("sigma2").sqrt().expand(mean.shape)
+            if weighting == "simple":
+                pyro.factor("kl_constant", self._table("kl_constant", x0)[t])
+                pyro.sample("x_prev", dist.Normal(mean, sigma).to_event(self.event_dims))
+            elif self.decoder == "discretized":
+                decoder = (t == 1).view(*t.shape, *view_tail).expand(mean.shape)
+                pyro.sample("x_prev", ReverseStep(mean, sigma, decoder).to_event(self.event_dims))
+            else:
+                pyro.sample("x_prev", dist.Normal(mean, sigma).to_event(self.event_dims))
 
     def svi_program(self, objective: str = "elbo"):
         """(model, guide, loss) to train with SVI for ``objective``:

@@ -681,6 +681,12 @@ def _add_diffusion_train_options(parser) -> None:
         "--channels", type=_positive_int, nargs="+", default=[32, 64], help="U-Net widths per level (32 64)"
     )
     group.add_argument(
+        "--time-sampling",
+        choices=("plate", "per_datum"),
+        default="plate",
+        help="one timestep per batch (the time plate, default) or one per datum",
+    )
+    group.add_argument(
         "--picture-samples",
         type=_positive_int,
         default=None,
@@ -787,6 +793,7 @@ def _run_train_ddpm(args) -> int:
         ema_decay=args.ema_decay,
         hidden_dim=args.hidden_dim or 128,
         channels=tuple(args.channels),
+        time_sampling=args.time_sampling,
     ).to(device)
     train_loader = BatchLoader(train_x.to(device), batch_size=args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test_x.to(device), batch_size=250, shuffle=False)
