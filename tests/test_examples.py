@@ -15,6 +15,10 @@ EXAMPLES = [
     "toy_posterior.py --guide exact",
     "evidence_estimators.py --num-samples 10 50 --repeats 3 --num-steps 20",
     "mixture_enumeration.py --num-data 50 --num-steps 10",
+    "diffusion_2d.py --num-steps 5 --timesteps 10 --num-data 512 --num-samples 100",
+    "diffusion_2d.py --num-steps 5 --timesteps 10 --num-data 512 --num-samples 100 --time-sampling per_datum",
+    "diffusion_mnist.py --num-steps 2 --timesteps 10 --num-train 32 --batch-size 16 --num-test 2 "
+    "--num-samples 4 --channels 8 16",
 ]
 
 
