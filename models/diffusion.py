@@ -710,6 +710,11 @@ class DDPM(Family):
           given x_t: the same ELBO, lower variance);
         - ``"simple"``: DDPM's L_simple = E_{t,ε}‖ε − ε_θ(x_t, t)‖² (Eq. 14), summed over data and dims.
           A reweighted objective, **not** an ELBO: the per-t ELBO term divided by T·w_t, constants removed.
+
+        The ELBO weighs step t by w_t = β_t²/(2σ_t²α_t(1−ᾱ_t)). With the cosine schedule the last step is
+        clipped to β_T = 0.999, so w_T ≈ 1/(2α_T) = 500 per dimension: drawn uniformly, that one step's
+        gradients dwarf the others and Adam stalls. Train the ELBO objectives with the linear schedule (or
+        use ``"simple"``, whose weights are all 1, with the cosine one).
         """
         if objective == "elbo":
             return self.model_subsampled, self.guide_subsampled, Trace_ELBO()

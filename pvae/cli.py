@@ -947,7 +947,7 @@ def _demo_diffusion(ctx: DemoContext) -> str:
 
     device = resolve_device(ctx.device)
     generator = seed_everything(ctx.seed)
-    timesteps, epochs, points = (50, 25, 500) if ctx.quick else (50, 100, 1000)
+    timesteps, epochs, points = (100, 20, 500) if ctx.quick else (100, 100, 1000)
     objectives = ("simple",) if ctx.quick else ("elbo", "meanfield", "simple")
     data = two_moons(4000, noise=0.1, generator=generator).to(device)
     test = two_moons(1000, noise=0.1, generator=generator).to(device)
@@ -959,7 +959,7 @@ def _demo_diffusion(ctx: DemoContext) -> str:
     lines = [
         "## Diffusion as a hierarchical latent chain: DDPM on two moons",
         "",
-        f"`DDPM(data_shape=(2,), timesteps={timesteps}, schedule='cosine', ema_decay=0.99)`: the model is",
+        f"`DDPM(data_shape=(2,), timesteps={timesteps}, ema_decay=0.99)` (linear schedule): the model is",
         "the reverse chain p_θ(x_{t−1} | x_t), the guide the forward noising process. Each objective of",
         f"`DDPM.svi_program` trained it on 4,000 two-moons points ({steps} steps of 256, Adam 2e-3, by",
         "`pvae.inference.train`): `elbo` (Trace_ELBO on the time-subsampled pair: one timestep per step,",
@@ -977,7 +977,6 @@ def _demo_diffusion(ctx: DemoContext) -> str:
         family = DDPM(
             data_shape=(2,),
             timesteps=timesteps,
-            schedule="cosine",
             ema_decay=0.99,
             name=f"demo_ddpm_{objective}",
         ).to(device)
