@@ -119,7 +119,7 @@ def _register_toy(subparsers) -> None:
         "--num-steps",
         type=_non_negative_int,
         default=None,
-        help="SVI steps (default 1000; 3000 for amortized)",
+        help="SVI steps (default 1000; 2000 for amortized)",
     )
     parser.add_argument(
         "--num-samples", type=_positive_int, default=1000, help="guide draws for the comparison"
