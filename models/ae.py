@@ -76,6 +76,15 @@ def _check_finite(x: torch.Tensor) -> None:
             raise ValueError(f"x must be finite; it has {count} NaN/inf entr{'y' if count == 1 else 'ies'}")
 
 
+def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """The likelihood's scale as a 0-d tensor on ``like``'s device and dtype, made once per pair."""
+    key = (like.device, like.dtype)
+    tensor = cache.get(key)
+    if tensor is None:
+        tensor = cache[key] = torch.full((), scale, dtype=like.dtype, device=like.device)
+    return tensor
+
+
 def _check_dim(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -140,8 +149,7 @@ class AE(Family):
         self.encoder = mlp([x_dim, hidden_dim, z_dim])
         self.decoder = mlp([z_dim, hidden_dim, x_dim])
         self.config = AEConfig(x_dim, hidden_dim, z_dim, self.scale, self.name)
-        # The likelihood's scale as a 0-d tensor that follows .to(device/dtype); not part of the state dict.
-        self.register_buffer("_scale", torch.tensor(self.scale), persistent=False)
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +198,11 @@ class AE(Family):
             code_shape = (*x.shape[1:-1], self.z_dim)  # (z_dim,) or (length, z_dim)
             z = pyro.sample("z", FlatPrior(x.shape[:1], code_shape))
             loc = self.decoder(z)  # shaped like x (with any leading particle dims)
-            pyro.sample("x", dist.Normal(loc, self._scale).to_event(event_dims), obs=x)
+            pyro.sample(
+                "x",
+                dist.Normal(loc, _cached_scale(self._scales, self.scale, loc)).to_event(event_dims),
+                obs=x,
+            )
 
     def guide(self, x: torch.Tensor) -> None:
         """Point mass at the code: ``"z"`` ~ Delta(encoder(x)) (a DAE encodes a corrupted x).

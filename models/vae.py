@@ -127,10 +127,9 @@ class VAE(Family):
             nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
         )
         self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, x_dim))
-        # The Gaussian likelihood's scale: a 0-d tensor following .to(device/dtype), not in the state dict.
-        self.register_buffer("_scale", torch.tensor(scale), persistent=False)
         # p(z) = Normal(0, I), built once per (device, dtype) rather than on every model call.
         self._priors: dict[tuple[torch.device, torch.dtype], dist.TorchDistribution] = {}
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # the likelihood's scale
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +190,11 @@ class VAE(Family):
     def _likelihood(self, output: torch.Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=output).to_event(1)
-        return dist.Normal(output, self._scale).to_event(1)
+        key = (output.device, output.dtype)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = self._scales[key] = torch.full((), self.scale, dtype=output.dtype, device=output.device)
+        return dist.Normal(output, scale).to_event(1)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, log_var = self.encoder(x).chunk(2, dim=-1)  # (batch, z_dim) each
