@@ -49,8 +49,8 @@ class VAEConfig:
     z_dim: int = 20
     hidden_dim: int = 400
     likelihood: str = "bernoulli"
-    scale: float = 0.1
     name: str | None = None
+    scale: float = 0.1
 
 
 def _check_dim(name: str, value) -> int:
@@ -101,8 +101,8 @@ class VAE(Family):
     :param hidden_dim: width of the hidden layer of encoder and decoder.
     :param likelihood: ``"bernoulli"`` (binary data, decoder gives logits) or ``"gaussian"``
         (decoder gives the mean; fixed standard deviation ``scale``).
-    :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
     :param name: prefix in Pyro's param store (default: a unique ``"vae_<k>"``).
+    :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
     """
 
     def __init__(
@@ -111,8 +111,8 @@ class VAE(Family):
         z_dim: int = 20,
         hidden_dim: int = 400,
         likelihood: str = "bernoulli",
-        scale: float = 0.1,
         name: str | None = None,
+        scale: float = 0.1,
     ):
         super().__init__(name)
         _check_dim("x_dim", x_dim)
@@ -121,7 +121,7 @@ class VAE(Family):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         scale = check_positive("scale", scale)
-        self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, scale, self.name)
+        self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, self.name, scale)
         self.x_dim, self.z_dim, self.likelihood, self.scale = x_dim, z_dim, likelihood, scale
         self.encoder = nn.Sequential(
             nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
