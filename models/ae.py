@@ -1,0 +1,309 @@
+"""Autoencoder and denoising autoencoder as Pyro model/guide pairs.
+
+An autoencoder (seed 2: x → encoder → z → decoder → x̃, loss ‖x − x̃‖²) is the probabilistic pair
+
+    model:  z ~ flat (improper uniform) prior      # site "z", log density 0
+            x | z ~ Normal(decoder(z), s² I)        # site "x"
+    guide:  z = encoder(x), a point mass            # site "z", Delta(encoder(x))
+
+For a point-mass guide log q(z | x) = 0 and the flat prior has log p(z) = 0, so the ELBO is the Gaussian
+log-likelihood of the reconstruction, exactly
+
+    ELBO = −SSE / (2 s²) − (D / 2) · log(2π s²),      SSE = Σ (x − decoder(encoder(x)))²,
+
+with D the number of observed entries: maximizing it is minimizing the seed's squared-error loss.
+
+A denoising autoencoder (Vincent et al. 2008) feeds the guide a corrupted copy x̃ of each datum — masking
+(each entry set to zero with probability p, the original paper's choice) or additive Gaussian noise — while
+the likelihood scores the *clean* x, so the identity map no longer solves the task. The corruption is drawn
+with torch's global generator (seeded by ``pyro.set_rng_seed``) and is not a Pyro sample site.
+
+Neither family has a marginal likelihood: the flat prior is improper, so log p(x) is undefined, and a
+point-mass guide gives no importance weights. Report :meth:`AE.reconstruction_error` instead;
+``pvae.inference.log_evidence`` refuses a point-mass guide.
+
+Data: (batch, x_dim), or sequences (batch, length, x_dim) on which the networks act per position (the
+seed's example: length × 96 features). Event dims of ``"z"`` and ``"x"`` are then (length, ·).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+
+from pvae.family import Family
+from pvae.networks import mlp
+from pvae.utils import check_positive
+
+__all__ = ["AE", "CORRUPTIONS", "DAE", "AEConfig", "DAEConfig", "FlatPrior"]
+
+CORRUPTIONS = ("mask", "gaussian")
+REDUCTIONS = ("mean", "sum")
+
+
+class FlatPrior(dist.ImproperUniform):
+    """The improper uniform density on ℝ^event_shape: log p(z) = 0 everywhere; it cannot be sampled.
+
+    Unlike Pyro's ``ImproperUniform`` (whose ``log_prob`` returns a CPU float32 zero), the zero follows the
+    value's device and dtype.
+    """
+
+    def __init__(self, batch_shape: torch.Size, event_shape: torch.Size):
+        super().__init__(constraints.real, batch_shape, event_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FlatPrior, _instance)
+        new._support = self._support
+        super(dist.ImproperUniform, new).__init__(torch.Size(batch_shape), self.event_shape)
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        batch_shape = torch.broadcast_shapes(value.shape[: value.dim() - self.event_dim], self.batch_shape)
+        return value.new_zeros(()).expand(batch_shape)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` for NaN/inf entries; one cheap reduction (NaN/inf propagate into Σx) first."""
+    if not torch.isfinite(x.sum()):
+        finite = torch.isfinite(x)
+        if not finite.all():
+            count = int((~finite).sum())
+            raise ValueError(f"x must be finite; it has {count} NaN/inf entr{'y' if count == 1 else 'ies'}")
+
+
+def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """The likelihood's scale as a 0-d tensor on ``like``'s device and dtype, made once per pair."""
+    key = (like.device, like.dtype)
+    tensor = cache.get(key)
+    if tensor is None:
+        tensor = cache[key] = torch.full((), scale, dtype=like.dtype, device=like.device)
+    return tensor
+
+
+def _check_dim(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class AEConfig:
+    """Constructor arguments of :class:`AE` (field for field)."""
+
+    x_dim: int = 96
+    hidden_dim: int = 128
+    z_dim: int = 512
+    scale: float = 1.0
+    name: str | None = None
+
+
+@dataclass
+class DAEConfig:
+    """Constructor arguments of :class:`DAE` (field for field)."""
+
+    x_dim: int = 96
+    hidden_dim: int = 128
+    z_dim: int = 512
+    scale: float = 1.0
+    corruption: str = "mask"
+    noise: float = 0.25
+    name: str | None = None
+
+
+class AE(Family):
+    """Autoencoder: flat prior on ``"z"``, Gaussian likelihood on ``"x"``, point-mass guide z = encoder(x).
+
+    Networks as in seed 2: encoder Linear(x_dim, hidden_dim) → ReLU → Linear(hidden_dim, z_dim), decoder
+    Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim). The defaults (96 → 128 → 512) are the
+    seed's sequence example; use ``x_dim=784`` for flattened 28×28 images.
+
+    It has no marginal likelihood (see the module docstring): its ``Trace_ELBO`` is
+    −SSE/(2 scale²) − (D/2)·log(2π scale²), a rescaled squared reconstruction error.
+
+    :param x_dim: features per datum (per position for sequences).
+    :param hidden_dim: hidden width of encoder and decoder.
+    :param z_dim: code dimension.
+    :param scale: fixed standard deviation s of the Gaussian likelihood, > 0.
+    :param name: prefix in Pyro's param store (default: a unique ``"ae_<k>"``).
+    """
+
+    def __init__(
+        self,
+        x_dim: int = 96,
+        hidden_dim: int = 128,
+        z_dim: int = 512,
+        scale: float = 1.0,
+        name: str | None = None,
+    ):
+        super().__init__(name)
+        _check_dim("x_dim", x_dim)
+        _check_dim("hidden_dim", hidden_dim)
+        _check_dim("z_dim", z_dim)
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.scale = check_positive("scale", scale)
+        self.encoder = mlp([x_dim, hidden_dim, z_dim])
+        self.decoder = mlp([z_dim, hidden_dim, x_dim])
+        self.config = AEConfig(x_dim, hidden_dim, z_dim, self.scale, self.name)
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    # ---- data checks -------------------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
+        if torch.jit.is_tracing():
+            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
+            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._checked(x)
+        return self._checked(x)
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must have a floating dtype (float32/float64), got {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.x_dim:
+            hint = " (flatten images first: x.flatten(1))" if x.dim() >= 3 else ""
+            raise ValueError(
+                f"x must have shape (batch, {self.x_dim}) or (batch, length, {self.x_dim}), "
+                f"got {tuple(x.shape)}{hint}"
+            )
+        dtype = self.decoder[0].weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        _check_finite(x)
+        return x
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the guide encodes: x itself for an AE (a DAE corrupts it)."""
+        return x
+
+    # ---- the model/guide pair ----------------------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        """Flat prior on ``"z"``; ``"x"`` ~ Normal(decoder(z), scale²) on every entry.
+
+        The flat prior cannot be sampled: run the model with a guide (e.g. under ``Trace_ELBO``).
+
+        :param x: (batch, x_dim) or (batch, length, x_dim).
+        """
+        x = self._prepare(x)
+        pyro.module(self.name, self)
+        event_dims = x.dim() - 1
+        with pyro.plate("data", x.shape[0]):
+            code_shape = (*x.shape[1:-1], self.z_dim)  # (z_dim,) or (length, z_dim)
+            z = pyro.sample("z", FlatPrior(x.shape[:1], code_shape))
+            loc = self.decoder(z)  # shaped like x (with any leading particle dims)
+            pyro.sample(
+                "x",
+                dist.Normal(loc, _cached_scale(self._scales, self.scale, loc)).to_event(event_dims),
+                obs=x,
+            )
+
+    def guide(self, x: torch.Tensor) -> None:
+        """Point mass at the code: ``"z"`` ~ Delta(encoder(x)) (a DAE encodes a corrupted x).
+
+        :param x: the same data as given to :meth:`model`.
+        """
+        x = self._prepare(x)
+        pyro.module(self.name, self)
+        with pyro.plate("data", x.shape[0]):
+            code = self.encoder(self._encoder_input(x))  # (batch, z_dim) or (batch, length, z_dim)
+            pyro.sample("z", dist.Delta(code, event_dim=x.dim() - 1))
+
+    # ---- reconstructions ---------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The code encoder(x) of clean data: (batch, z_dim) or (batch, length, z_dim)."""
+        return self.encoder(self._prepare(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean decoder(z): (..., x_dim)."""
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.z_dim:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must be a tensor of shape (..., {self.z_dim}), got {shape}")
+        return self.decoder(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decoder(encoder(x)) of the clean input, shaped like ``x`` (no gradient)."""
+        return self.decoder(self.encoder(self._prepare(x)))
+
+    @torch.no_grad()
+    def reconstruction_error(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Squared reconstruction error of each datum, on clean input (no gradient).
+
+        :param x: (batch, x_dim) or (batch, length, x_dim).
+        :param reduction: ``"mean"``: mean squared error over the datum's D entries (MSE per datum);
+            ``"sum"``: summed squared error over its entries (the SSE of the ELBO identity).
+        :returns: (batch,) tensor.
+        """
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        x = self._prepare(x)
+        squared = (x - self.decoder(self.encoder(x))).square().flatten(1)  # (batch, D)
+        return squared.mean(1) if reduction == "mean" else squared.sum(1)
+
+
+class DAE(AE):
+    """Denoising autoencoder: the guide encodes a corrupted x̃, the likelihood scores the clean x.
+
+    Corruptions (Vincent et al. 2008):
+
+    - ``"mask"``: each entry is set to zero independently with probability ``noise`` = p ∈ [0, 1)
+      (masking noise, as in the original paper and seed 2);
+    - ``"gaussian"``: x̃ = x + ``noise``·ε with ε ~ Normal(0, I) (``noise`` = standard deviation > 0).
+
+    Like :class:`AE` it has no marginal likelihood. :meth:`reconstruct` and
+    :meth:`reconstruction_error` use clean input; :meth:`corrupt` exposes the corruption.
+
+    :param x_dim: features per datum (per position for sequences).
+    :param hidden_dim: hidden width of encoder and decoder.
+    :param z_dim: code dimension.
+    :param scale: fixed standard deviation s of the Gaussian likelihood, > 0.
+    :param corruption: ``"mask"`` or ``"gaussian"``.
+    :param noise: masking probability p ∈ [0, 1), or the Gaussian noise's standard deviation > 0.
+    :param name: prefix in Pyro's param store (default: a unique ``"dae_<k>"``).
+    """
+
+    def __init__(
+        self,
+        x_dim: int = 96,
+        hidden_dim: int = 128,
+        z_dim: int = 512,
+        scale: float = 1.0,
+        corruption: str = "mask",
+        noise: float = 0.25,
+        name: str | None = None,
+    ):
+        super().__init__(x_dim, hidden_dim, z_dim, scale, name)
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+        if corruption == "mask":
+            try:
+                noise = float(noise)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"noise (masking probability) must be in [0, 1), got {noise!r}") from error
+            if not 0.0 <= noise < 1.0:
+                raise ValueError(f"noise (masking probability) must be in [0, 1), got {noise!r}")
+        else:
+            noise = check_positive("noise (Gaussian corruption's standard deviation)", noise)
+        self.corruption, self.noise = corruption, noise
+        self.config = DAEConfig(x_dim, hidden_dim, z_dim, self.scale, corruption, noise, self.name)
+
+    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        """A corrupted copy x̃ of ``x`` (same shape), drawn with torch's global generator.
+
+        :param x: data tensor of any shape.
+        :returns: x with each entry zeroed with probability ``noise`` (mask), or x + noise·ε (gaussian).
+        """
+        if self.corruption == "mask":
+            keep = torch.rand_like(x) >= self.noise  # P(keep) = 1 − p
+            return x * keep
+        return x + self.noise * torch.randn_like(x)
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.corrupt(x)

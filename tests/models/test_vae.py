@@ -1,0 +1,361 @@
+import dataclasses
+import inspect
+import math
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+from pvae.data import BatchLoader, load_images
+from pvae.inference import log_evidence
+from pvae.models.vae import VAE, VAEConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """128 test digits of mnist5k, statically binarized (fixed draw), float64, with their grey levels."""
+    grey = load_images("mnist5k", "test").flat(torch.float64)[::8][:128]  # spread over the classes
+    binary = torch.bernoulli(grey, generator=torch.Generator().manual_seed(1))
+    return grey, binary
+
+
+def _traces(vae, x):
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    return guide_trace, model_trace
+
+
+# ---- the ELBO: Monte-Carlo KL vs closed form -------------------------------------------------------------
+def _fixed_network(z_dim: int, hidden_dim: int) -> VAE:
+    """A fixed VAE whose posteriors sit far from the prior (KL of several nats per datum)."""
+    vae = VAE(z_dim=z_dim, hidden_dim=hidden_dim).double()
+    with torch.no_grad():
+        vae.encoder[2].weight[:z_dim] *= 8.0  # spread the means μ
+        vae.encoder[2].bias[z_dim:] = -3.0  # σ ≈ 0.22
+    return vae
+
+
+def test_trace_and_meanfield_elbo_agree_in_expectation(digits):
+    """Paired z-test: with the same seed both ELBOs draw the same z, so the likelihood term cancels and
+    Trace_ELBO − TraceMeanField_ELBO = log q(z) − log p(z) − KL, whose expectation must be zero."""
+    _, x = digits
+    x = x[:16]
+    vae = _fixed_network(z_dim=8, hidden_dim=32)
+    options = {"num_particles": 100, "vectorize_particles": True, "max_plate_nesting": 1}
+    differences = []
+    for seed in range(20):
+        pyro.set_rng_seed(seed)
+        trace_loss = Trace_ELBO(**options).loss(vae.model, vae.guide, x)
+        pyro.set_rng_seed(seed)
+        meanfield_loss = TraceMeanField_ELBO(**options).loss(vae.model, vae.guide, x)
+        differences.append(trace_loss - meanfield_loss)
+    differences = torch.tensor(differences, dtype=torch.float64)
+    loc, scale = vae.encode(x)
+    kl = VAE.analytic_kl(loc, scale).sum()
+    mean, stderr = differences.mean(), differences.std() / math.sqrt(len(differences))
+    assert stderr > 0  # the Monte-Carlo KL really is random
+    assert stderr < 0.01 * kl  # so a KL off by a few percent would be caught
+    assert abs(mean) < 4 * stderr, (float(mean), float(stderr))
+
+
+def test_trace_and_meanfield_elbo_agree_unpaired(digits):
+    """The same check with independent draws and vectorized particles (z of shape (particles, batch, z))."""
+    _, x = digits
+    x = x[:16]
+    vae = _fixed_network(z_dim=8, hidden_dim=32)
+    trace_elbo = Trace_ELBO(num_particles=100, vectorize_particles=True, max_plate_nesting=1)
+    meanfield = TraceMeanField_ELBO(num_particles=100, vectorize_particles=True, max_plate_nesting=1)
+    trace_losses = torch.tensor([trace_elbo.loss(vae.model, vae.guide, x) for _ in range(20)])
+    meanfield_losses = torch.tensor([meanfield.loss(vae.model, vae.guide, x) for _ in range(20)])
+    stderr = math.sqrt((trace_losses.var() + meanfield_losses.var()) / 20)
+    difference = trace_losses.mean() - meanfield_losses.mean()
+    loc, scale = vae.encode(x)
+    assert stderr < 0.01 * VAE.analytic_kl(loc, scale).sum()  # a KL off by a few percent would show
+    assert abs(difference) < 4 * stderr, (float(difference), stderr)
+
+
+def test_meanfield_uses_the_seeds_closed_form_kl(digits):
+    """TraceMeanField_ELBO's loss = −log p(x | z) + KL with the KL in closed form: recover it exactly."""
+    _, x = digits
+    vae = VAE(z_dim=6, hidden_dim=32).double()
+    pyro.set_rng_seed(3)
+    loss = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)
+    _, model_trace = _traces(vae, x)  # the same z as inside the loss
+    kl_used = loss + model_trace.nodes["x"]["log_prob_sum"].item()
+
+    loc, scale = vae.encode(x)
+    log_var = 2 * scale.log()
+    seed_formula = 0.5 * (-log_var + loc**2 + log_var.exp() - 1).sum()  # seed 2
+    torch_kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+    ).sum()
+    assert kl_used == pytest.approx(seed_formula.item(), rel=1e-9, abs=1e-9)
+    assert torch_kl.item() == pytest.approx(seed_formula.item(), rel=1e-12)
+    assert VAE.analytic_kl(loc, scale).sum().item() == pytest.approx(seed_formula.item(), rel=1e-12)
+
+
+def test_elbo_terms_are_the_seeds_loss(digits):
+    """−log p(x | z) of the Bernoulli site is seed 2's summed binary cross-entropy on sigmoid(logits)."""
+    _, x = digits
+    vae = VAE(z_dim=5, hidden_dim=32).double()
+    guide_trace, model_trace = _traces(vae, x)
+    z = guide_trace.nodes["z"]["value"]
+    probs = vae.decode(z)
+    bce = torch.nn.functional.binary_cross_entropy(probs, x, reduction="sum")
+    assert -model_trace.nodes["x"]["log_prob_sum"].item() == pytest.approx(bce.item(), rel=1e-9)
+    prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum()
+    assert model_trace.nodes["z"]["log_prob_sum"].item() == pytest.approx(prior.item(), rel=1e-12)
+
+
+# ---- training --------------------------------------------------------------------------------------------
+def test_short_training_run_improves_the_test_elbo(digits):
+    _, test_x = digits
+    train = load_images("mnist5k", "train").flat()[::8]  # 500 digits, every class
+    loader = BatchLoader(train, batch_size=50, binarize="dynamic", seed=0)
+    vae = VAE(z_dim=10, hidden_dim=200)
+    test_x = test_x.float()
+    estimator = TraceMeanField_ELBO(num_particles=20, vectorize_particles=True, max_plate_nesting=1)
+
+    def test_elbo():
+        return -estimator.loss(vae.model, vae.guide, test_x) / test_x.shape[0]
+
+    before = test_elbo()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), TraceMeanField_ELBO())
+    for _ in range(4):
+        for batch, _ in loader:
+            svi.step(batch)
+    after = test_elbo()
+    assert before < -450  # an untrained decoder is close to coin flips (784 log 2 ≈ 543 nats)
+    assert after > before + 200, (before, after)
+
+
+# ---- data checks -----------------------------------------------------------------------------------------
+def test_grey_pixels_to_a_bernoulli_vae_raise_with_advice(digits):
+    grey, _ = digits
+    vae = VAE()
+    for method in (vae.model, vae.guide):
+        with pytest.raises(ValueError, match=r"binary.*bernoulli.*[Bb]inarize"):
+            method(grey.float())
+    with pytest.raises(ValueError, match="binary"):
+        vae.model(torch.full((2, 784), 2.0))
+    with pytest.raises(ValueError, match="binary"):
+        Trace_ELBO().loss(vae.model, vae.guide, grey.float())
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_data_raise(likelihood, bad):
+    vae = VAE(likelihood=likelihood)
+    x = torch.zeros(3, 784)
+    x[1, 7] = bad
+    for method in (vae.model, vae.guide, vae.encode):
+        with pytest.raises(ValueError, match="finite"):
+            method(x)
+
+
+def test_gaussian_vae_accepts_grey_levels_and_huge_finite_values(digits):
+    grey, _ = digits
+    vae = VAE(likelihood="gaussian", scale=0.2, z_dim=4, hidden_dim=16).double()
+    guide_trace, model_trace = _traces(vae, grey)
+    z = guide_trace.nodes["z"]["value"]
+    expected = torch.distributions.Normal(vae.decoder(z), 0.2).log_prob(grey).sum(-1)
+    torch.testing.assert_close(model_trace.nodes["x"]["log_prob"], expected)
+    # Σx overflows to inf in float32 although every entry is finite: the fast check must not raise.
+    huge = torch.full((4, 784), 3e37)
+    assert VAE(likelihood="gaussian").encode(huge)[0].shape == (4, 20)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(784,), (4, 785), (4, 2, 28, 28), (4, 27, 28), (2, 2, 1, 28, 28), (4, 784, 1, 1, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_wrong_shapes_raise(shape):
+    vae = VAE()
+    with pytest.raises(ValueError, match=r"shape \(batch, 784\)"):
+        vae.model(torch.zeros(shape))
+
+
+def test_integer_data_raise():
+    with pytest.raises(ValueError, match="floating dtype"):
+        VAE().model(torch.zeros(3, 784, dtype=torch.int64))
+
+
+def test_image_shapes_are_flattened(digits):
+    _, x = digits
+    x = x[:8].float()
+    vae = VAE(z_dim=4, hidden_dim=16)
+    losses = []
+    for images in (x, x.reshape(8, 28, 28), x.reshape(8, 1, 28, 28)):
+        pyro.set_rng_seed(0)
+        losses.append(Trace_ELBO().loss(vae.model, vae.guide, images))
+    assert losses[0] == losses[1] == losses[2]
+    assert vae.reconstruct(x.reshape(8, 1, 28, 28)).shape == (8, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"z_dim": 0},
+        {"z_dim": -3},
+        {"z_dim": 2.5},
+        {"hidden_dim": 0},
+        {"x_dim": -1},
+        {"likelihood": "poisson"},
+        {"likelihood": "gaussian", "scale": 0.0},
+        {"scale": -1.0},
+        {"name": ""},
+    ],
+    ids=lambda kwargs: "-".join(f"{k}={v}" for k, v in kwargs.items()),
+)
+def test_bad_constructor_arguments_raise(kwargs):
+    with pytest.raises(ValueError, match=list(kwargs)[-1]):
+        VAE(**kwargs)
+
+
+# ---- shapes, dtypes, particles ---------------------------------------------------------------------------
+def test_float64_in_float64_out(digits):
+    _, x = digits
+    vae = VAE(z_dim=3, hidden_dim=16).double()
+    loc, scale = vae.encode(x)
+    assert loc.dtype == scale.dtype == torch.float64
+    assert vae.reconstruct(x).dtype == torch.float64
+    assert vae.sample(5).dtype == torch.float64
+    guide_trace, model_trace = _traces(vae, x)
+    assert guide_trace.nodes["z"]["value"].dtype == torch.float64
+    assert model_trace.nodes["x"]["log_prob"].dtype == torch.float64
+    assert model_trace.nodes["z"]["log_prob"].dtype == torch.float64
+    # A float32 family casts float64 data to its own dtype rather than failing inside nn.Linear.
+    assert VAE(z_dim=3).encode(x)[0].dtype == torch.float32
+
+
+def test_model_and_guide_broadcast_over_a_leading_particle_dim(digits):
+    _, x = digits
+    x = x[:5]
+    vae = VAE(z_dim=4, hidden_dim=16).double()
+    with pyro.plate("particles", 3, dim=-2):
+        guide_trace, model_trace = _traces(vae, x)
+    z = guide_trace.nodes["z"]["value"]
+    assert z.shape == (3, 5, 4)
+    assert model_trace.nodes["x"]["log_prob"].shape == (3, 5)
+    loc, scale = vae.encode(x)
+    for particle in range(3):
+        conditioned = poutine.condition(vae.model, data={"z": z[particle]})
+        single = poutine.trace(conditioned).get_trace(x)
+        single.compute_log_prob()
+        for site in ("z", "x"):
+            torch.testing.assert_close(
+                model_trace.nodes[site]["log_prob"][particle], single.nodes[site]["log_prob"]
+            )
+        expected_q = torch.distributions.Normal(loc, scale).log_prob(z[particle]).sum(-1)
+        torch.testing.assert_close(guide_trace.nodes["z"]["log_prob"][particle], expected_q)
+
+
+def test_sample_and_reconstruct():
+    vae = VAE(z_dim=3, hidden_dim=16)
+    means = vae.sample(7)
+    assert means.shape == (7, 784) and means.device == vae.device
+    assert ((means > 0) & (means < 1)).all()
+    binary = vae.sample(7, mean=False)
+    assert ((binary == 0) | (binary == 1)).all()
+    first = vae.sample(4, generator=torch.Generator().manual_seed(5))
+    second = vae.sample(4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        vae.sample(0)
+    with pytest.raises(ValueError, match=r"z must be a tensor of shape \(\.\.\., 3\)"):
+        vae.decode(torch.zeros(2, 4))
+    z = torch.randn(2, 3)
+    gaussian = VAE(z_dim=3, hidden_dim=16, likelihood="gaussian")
+    torch.testing.assert_close(gaussian.decode(z), gaussian.decoder(z))
+    torch.testing.assert_close(vae.decode(z), torch.sigmoid(vae.decoder(z)))
+
+
+def test_network_is_the_seeds():
+    vae = VAE()
+    encoder, decoder = vae.encoder, vae.decoder
+    assert [type(layer).__name__ for layer in encoder] == ["Linear", "LeakyReLU", "Linear"]
+    assert encoder[1].negative_slope == 0.2
+    assert (encoder[0].in_features, encoder[0].out_features, encoder[2].out_features) == (784, 400, 40)
+    assert [type(layer).__name__ for layer in decoder] == ["Linear", "ReLU", "Linear"]  # logits: no sigmoid
+    assert (decoder[0].in_features, decoder[2].out_features) == (20, 784)
+
+
+# ---- families in the param store, configs ----------------------------------------------------------------
+def test_two_vaes_do_not_share_parameters(digits):
+    _, x = digits
+    x = x.float()
+    first, second = VAE(z_dim=3, hidden_dim=16), VAE(z_dim=3, hidden_dim=16)
+    for vae in (first, second):
+        Trace_ELBO().loss(vae.model, vae.guide, x)
+    names = set(pyro.get_param_store().keys())
+    assert {name.split("$$$")[0] for name in names} == {first.name, second.name}
+    frozen = {k: v.detach().clone() for k, v in second.state_dict().items()}
+    svi = SVI(first.model, first.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(x)
+    for key, value in second.state_dict().items():
+        assert torch.equal(value, frozen[key])
+    assert not torch.equal(first.decoder[0].weight, second.decoder[0].weight)
+
+
+def test_config_fields_are_the_constructor_arguments():
+    parameters = list(inspect.signature(VAE).parameters)
+    assert [field.name for field in dataclasses.fields(VAEConfig)] == parameters
+    vae = VAE(z_dim=7, hidden_dim=33, likelihood="gaussian", scale=0.3, name="digits")
+    rebuilt = type(vae)(**vae.constructor_kwargs())
+    assert rebuilt.config == vae.config
+    rebuilt.load_state_dict(vae.state_dict())
+    z = torch.randn(2, 7)
+    torch.testing.assert_close(rebuilt.decode(z), vae.decode(z))
+
+
+# ---- evidence ---------------------------------------------------------------------------------------------
+def test_log_evidence_of_the_vae_is_consistent(digits):
+    """Importance sampling through the particle plate: the guide and the prior as proposals estimate the
+    same log p(x), and the IWAE bound lies above the ELBO."""
+    _, x = digits
+    x = x[::16][:8]
+    vae = VAE(z_dim=2, hidden_dim=32).double()
+    with_guide = log_evidence(vae.model, vae.guide, x, num_samples=4000)
+    with_prior = log_evidence(vae.model, vae.guide, x, num_samples=4000, proposal="prior")
+    assert with_guide.shape == (8,) and with_guide.dtype == torch.float64
+    torch.testing.assert_close(with_guide, with_prior, atol=0.2, rtol=0)
+    with pyro.plate("particles", 2000, dim=-2):
+        guide_trace, model_trace = _traces(vae, x)
+    log_w = model_trace.nodes["x"]["log_prob"] + model_trace.nodes["z"]["log_prob"]
+    elbo = (log_w - guide_trace.nodes["z"]["log_prob"]).mean(0)  # (8,)
+    assert (with_guide > elbo).all()
+
+
+# ---- compiled steps -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "eager,compiled",
+    [(Trace_ELBO, JitTrace_ELBO), (TraceMeanField_ELBO, JitTraceMeanField_ELBO)],
+    ids=["trace", "meanfield"],
+)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_jit_traced_elbo_equals_the_eager_one_on_new_batches(digits, eager, compiled, likelihood):
+    grey, binary = digits
+    data = binary if likelihood == "bernoulli" else grey
+    vae = VAE(z_dim=5, hidden_dim=32, likelihood=likelihood)
+    jitted = compiled()
+    for batch in (data[:16], data[16:32], data[32:48]):  # traced on the first, replayed on the others
+        batch = batch.float()
+        pyro.set_rng_seed(1)
+        expected = eager().loss(vae.model, vae.guide, batch)
+        pyro.set_rng_seed(1)
+        assert jitted.loss(vae.model, vae.guide, batch) == pytest.approx(expected, rel=1e-6)
+
+
+def test_jit_traced_step_still_rejects_grey_pixels(digits):
+    grey, _ = digits
+    vae = VAE(z_dim=5, hidden_dim=32)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), JitTrace_ELBO())
+    with pytest.raises(ValueError, match="binar"):
+        svi.step(grey[:16].float())
