@@ -28,7 +28,6 @@ seed's example: length × 96 features). Event dims of ``"z"`` and ``"x"`` are th
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -152,17 +151,8 @@ class AE(Family):
         self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- data checks -------------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
-        if torch.jit.is_tracing():
-            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
-            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return self._checked(x)
-        return self._checked(x)
-
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():

@@ -25,7 +25,6 @@ binarize="dynamic")``) or choose ``likelihood="gaussian"``.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -132,7 +131,7 @@ class VAE(Family):
         self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # the likelihood's scale
 
     # ---- data checks -------------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten to (batch, x_dim), cast to the parameters' dtype, and check the values.
 
         The value check is one cheap reduction whose result is non-zero or non-finite exactly when some
@@ -140,15 +139,6 @@ class VAE(Family):
         propagate), Σx under the Gaussian one (non-finite when an entry is NaN/inf). Only then does
         :meth:`_check_values` look closer and explain.
         """
-        if torch.jit.is_tracing():
-            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
-            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return self._checked(x)
-        return self._checked(x)
-
-    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         x = flatten_data(x, self.x_dim)
         dtype = self.decoder[0].weight.dtype
         if x.dtype != dtype:

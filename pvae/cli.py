@@ -186,7 +186,7 @@ def _demo_toy(ctx: DemoContext) -> str:
 
     from pvae.inference import compare, estimator_spread
     from pvae.models.toy import ExponentialGaussian
-    from pvae.posterior_plots import plot_estimator_spread, plot_posterior_sweep
+    from pvae.plots import plot_estimator_spread, plot_posterior_sweep
     from pvae.utils import resolve_device, seed_everything
 
     device = resolve_device(ctx.device)
