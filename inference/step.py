@@ -148,8 +148,9 @@ class SVIStep:
 
     Parameters are those of the param-store sites the pair touches on its first step (for a family, its
     ``pyro.module`` parameters), optimized by a single ``torch.optim.Adam``. The returned loss is a detached
-    0-dim tensor on the parameters' device (no host sync), −ELBO summed over the data plate as Pyro reports
-    it (the loss of the given ``elbo``).
+    0-dim tensor on the parameters' device, −ELBO summed over the data plate as Pyro reports it (the loss of
+    the given ``elbo``). A NaN/inf loss raises ``FloatingPointError`` *before* the optimizer step, so the
+    parameters keep their last finite values.
 
     :param model: Pyro model.
     :param guide: Pyro guide.
@@ -277,6 +278,13 @@ class SVIStep:
             return loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         return torch.tensor(float(self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)))
 
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            error = FloatingPointError(f"the loss is {float(loss)}; the parameters were not updated")
+            error.loss = float(loss)
+            raise error
+
     def _eager_step(self, args, kwargs) -> torch.Tensor:
         if self.params is None:
             with poutine.trace(param_only=True) as capture:
@@ -284,6 +292,7 @@ class SVIStep:
             self._capture(capture.trace)
         else:
             loss = self._loss_and_backward(args, kwargs)
+        self._check_finite(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
@@ -324,6 +333,7 @@ class SVIStep:
                 )
             return None  # recompute this step eagerly (raising any validation error)
         self._guard_failures = 0
+        self._check_finite(loss)
         for param, grad in zip(self.params, grads):
             param.grad = grad
         self.optimizer.step()

@@ -18,7 +18,6 @@ CPU with the eager or trace engine), wherever the interruption happened within t
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable
@@ -122,13 +121,6 @@ def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) 
     if count == 0:
         raise ValueError("test_loader yielded no data")
     return total / count
-
-
-def _first_bad_step(losses: list[torch.Tensor]) -> int | None:
-    finite = torch.isfinite(torch.stack(losses))
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
 
 
 def train(
@@ -235,35 +227,34 @@ def train(
         sizes: list[int] = []
         started = time.perf_counter()
         total = len(train_loader) if hasattr(train_loader, "__len__") else None
-        shown, last_update = 0, started
-        with progress_bar(
-            train_loader, progress=progress, total=total, desc=f"epoch {epoch + 1}/{epochs}"
-        ) as bar:
+        last_update = started
+        description = f"epoch {epoch + 1}/{epochs}"
+        with progress_bar(train_loader, progress=progress, total=total, desc=description) as bar:
             for batch in bar:
                 x = batch_data(batch)
                 if x.device != device:
                     x = x.to(device, non_blocking=True)
-                losses.append(step(x))
+                try:
+                    losses.append(step(x))
+                except FloatingPointError as error:
+                    kept = (
+                        f"the last good checkpoint ({checkpoint}) is kept"
+                        if checkpoint
+                        else "none is written"
+                    )
+                    raise FloatingPointError(
+                        f"the loss became {getattr(error, 'loss', 'non-finite')} at epoch {epoch + 1}, step "
+                        f"{len(losses) + 1} of this epoch; the parameters were not updated and {kept}. Try a "
+                        f"smaller lr (now {lr})."
+                    ) from error
                 sizes.append(x.shape[0])
                 now = time.perf_counter()
-                if now - last_update > 0.5:  # the running loss, and an early stop on NaN, twice a second
-                    running = torch.stack(losses[shown:]).sum().item() / sum(sizes[shown:])
-                    if not math.isfinite(running):
-                        break
+                if progress and now - last_update > 0.5:  # the running loss per datum, twice a second
+                    recent = max(1, len(losses) // 10)
+                    running = torch.stack(losses[-recent:]).sum().item() / sum(sizes[-recent:])
                     bar.set_postfix(loss=f"{running:.2f}")
                     last_update = now
         epoch_seconds = time.perf_counter() - started
-        bad = _first_bad_step(losses)
-        if bad is not None:
-            kept = (
-                f"the last good checkpoint ({checkpoint}) is kept"
-                if checkpoint
-                else "no checkpoint is written"
-            )
-            raise FloatingPointError(
-                f"the loss became {float(losses[bad])} at epoch {epoch + 1}, step {bad + 1} of this epoch; "
-                f"{kept}. Try a smaller lr (now {lr})."
-            )
         step_losses = [value / size for value, size in zip(torch.stack(losses).tolist(), sizes)]
         history.step_losses += step_losses
         history.train_elbo.append(-sum(value * size for value, size in zip(step_losses, sizes)) / sum(sizes))

@@ -156,9 +156,8 @@ def _restore_free_params(section: dict, prefix: str, device) -> None:
         constraint = _constraint_from_spec(section["constraints"][relative])
         if name in store:
             del store[name]
-        with torch.no_grad():
-            constrained = constraints.transform_to(constraint)(unconstrained.to(device))
-        store.setdefault(name, constrained, constraint)
+        value = unconstrained.detach().to(device).clone().requires_grad_(True)
+        store.set_state({"params": {name: value}, "constraints": {name: constraint}})  # merges, exactly
 
 
 # ---- random number generators ----------------------------------------------------------------------------

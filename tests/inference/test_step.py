@@ -48,7 +48,7 @@ CASES += [("vae-gaussian", "elbo"), ("dae", "elbo")]
 @pytest.mark.parametrize("family_name, elbo_name", CASES, ids=[f"{f}-{e}" for f, e in CASES])
 def test_traced_step_equals_the_eager_pyro_step_bit_for_bit(family_name, elbo_name):
     batches = _batches(12, binary=family_name == "vae")
-    eager_family, eager, eager_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "eager", batches)
+    eager_family, _, eager_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "eager", batches)
     traced_family, traced, traced_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "trace", batches)
     assert traced.counts["graph"] == 11 and traced.counts["eager"] == 1 and traced.disabled_reason is None
     for (name, a), b in zip(eager_family.named_parameters(), traced_family.parameters()):
