@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -141,6 +141,7 @@ def train(
     engine: str = "eager",
     adam_kwargs: dict | None = None,
     metadata: dict | None = None,
+    callback: Callable[[int, History], None] | None = None,
 ) -> History:
     """Fit a family by SVI with Adam for a number of epochs over ``train_loader``.
 
@@ -166,6 +167,8 @@ def train(
         graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
     :param adam_kwargs: further ``torch.optim.Adam`` arguments.
     :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
+    :param callback: called as ``callback(epoch, history)`` after each epoch (1-based, after its checkpoint),
+        e.g. to print progress, stop early (by raising), or interleave other work.
     :returns: the :class:`History` of all epochs (including those before a resume).
     :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
         last good checkpoint in place.
@@ -279,4 +282,6 @@ def train(
                 loader=generator.get_state() if generator is not None else None,
                 train_config=train_config,
             )
+        if callback is not None:
+            callback(epoch + 1, history)
     return history

@@ -142,7 +142,17 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
 
 def test_history_is_in_nats_per_datum_and_json_serializable(tmp_path):
     family = Tiny()
-    history = train(family, _loader(n=44, batch_size=8), _loader(seed=3), epochs=2, seed=0, progress=False)
+    seen = []
+    history = train(
+        family,
+        _loader(n=44, batch_size=8),
+        _loader(seed=3),
+        epochs=2,
+        seed=0,
+        progress=False,
+        callback=lambda epoch, record: seen.append((epoch, record.epochs)),
+    )
+    assert seen == [(1, 1), (2, 2)]
     assert history.epochs == 2 and len(history.step_losses) == 2 * 6  # 5 full batches and one of 4
     sizes = [8] * 5 + [4]
     for epoch in range(2):
