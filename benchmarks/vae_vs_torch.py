@@ -14,7 +14,9 @@ runs there), so machine noise hits both sides alike; the table gives the median 
 (pvae epoch time) / (hand-written epoch time). The first epoch is left out: it holds one-time costs
 (recording the graph, compiling it), reported separately. Reference rows time Pyro's stock
 ``SVI.step`` (Trace_ELBO and JitTrace_ELBO, ``pyro.optim.Adam``) and ``torch.compile`` of the hand-written
-step the same way, and ``--numpyro`` adds NumPyro's jitted SVI on the same network (needs jax and numpyro).
+step the same way, and ``--numpyro`` adds NumPyro's jitted SVI on the same network (needs jax and numpyro;
+it runs in a child process, between two blocks of hand-written epochs, since XLA's worker threads slow
+torch down when both live in one process).
 
 Quality (``--quality-epochs``, same initial weights and batches): test log-likelihood of the hand-written
 model and of pvae VAEs trained with Trace_ELBO, TraceMeanField_ELBO and IWAE-k (same epochs), as
@@ -31,6 +33,7 @@ Run: ``python benchmarks/vae_vs_torch.py [--epochs 6] [--batch-sizes 32 128] [--
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -187,7 +190,7 @@ def paired(a, b) -> tuple[float, float]:
 
 
 # ---- NumPyro (optional) --------------------------------------------------------------------------------
-def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
+def numpyro_epochs(z_dim, batch_size, epochs, seed) -> list[float]:
     """NumPyro's jitted SVI on the same network (stax), fed the same binarized batches as numpy arrays."""
     import jax
     import jax.numpy as jnp
@@ -214,23 +217,35 @@ def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("z", ndist.Normal(loc, jnp.exp(0.5 * log_var)).to_event(1))
 
-    svi = NSVI(model, guide, numpyro.optim.Adam(1e-3), NTrace_ELBO())
+    train_x, _ = make_data(seed)
     data = loader(train_x, batch_size, seed)
-    first = next(iter(data))[0].numpy()
-    state = svi.init(jax.random.PRNGKey(seed), first)
+    svi = NSVI(model, guide, numpyro.optim.Adam(1e-3), NTrace_ELBO())
+    state = svi.init(jax.random.PRNGKey(seed), next(iter(data))[0].numpy())
     update = jax.jit(svi.update)
-
-    torch.manual_seed(seed)
-    hand = HandLoop(SeedVAE(z_dim), loader(train_x, batch_size, seed))
-    numpyro_times, hand_times = [], []
+    times = []
     for _ in range(epochs):
         start = time.perf_counter()
         for x, _ in data:
             state, loss = update(state, x.numpy())
         loss.block_until_ready()
-        numpyro_times.append(time.perf_counter() - start)
-        hand_times.append(hand.epoch())
-    return numpyro_times, hand_times
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
+    """NumPyro in a child process (XLA's worker threads slow torch down when both share a process), between
+    two blocks of hand-written epochs in this process; epochs pair up in order."""
+    import subprocess
+
+    torch.manual_seed(seed)
+    hand = HandLoop(SeedVAE(z_dim), loader(train_x, batch_size, seed))
+    before = [hand.epoch() for _ in range((epochs + 1) // 2)]
+    command = [sys.executable, os.path.abspath(__file__), "--numpyro-child", str(z_dim), str(batch_size)]
+    command += ["--epochs", str(epochs), "--seed", str(seed)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    numpyro_times = json.loads(completed.stdout.strip().splitlines()[-1])
+    after = [hand.epoch() for _ in range(epochs - len(before))]
+    return numpyro_times, before + after
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -372,5 +387,11 @@ if __name__ == "__main__":
     parser.add_argument("--iwae-particles", type=int, default=5, help="k of the IWAE-trained model (1: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    parser.add_argument("--numpyro-child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.numpyro_child:
+        z_dim, batch_size = arguments.numpyro_child
+        print(json.dumps(numpyro_epochs(z_dim, batch_size, arguments.epochs, arguments.seed)))
+    else:
+        main(arguments)
     sys.exit(0)

@@ -189,6 +189,7 @@ class SVIStep:
         self._pending_optimizer_state: dict | None = None
         self._graph = None
         self._traced = None
+        self._fused_update = False
         self._graph_signature = None
         self._graph_guards = 0
         self._guard_failures = 0
@@ -300,11 +301,16 @@ class SVIStep:
         self.counts["eager"] += 1
         return loss.to(self.params[0].device)
 
+    def _call_graph(self, data: list[torch.Tensor]):
+        if self._fused_update:
+            return self._graph(self.params, self._adam_state(), data)
+        return self._graph(self.params, data)
+
     def _run_graph(self, data: list[torch.Tensor]):
         if self._traced is None:
-            return self._graph(self.params, data)
+            return self._call_graph(data)
         try:  # first call of the compiled graph: compile now, or fall back to the traced graph
-            outputs = self._graph(self.params, data)
+            outputs = self._call_graph(data)
         except Exception as error:
             warnings.warn(
                 f"SVIStep: torch.compile failed ({type(error).__name__}: {error}); replaying the traced "
@@ -312,14 +318,17 @@ class SVIStep:
                 stacklevel=4,
             )
             self._graph = self._traced
-            outputs = self._graph(self.params, data)
+            outputs = self._call_graph(data)
         self._traced = None
         return outputs
 
     def _graph_step(self, args, kwargs) -> torch.Tensor | None:
         with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
             outputs = self._run_graph(_leaves((args, kwargs)))
-        loss, grads, guards_hold = outputs
+        if self._fused_update:
+            (loss, guards_hold), grads = outputs, None
+        else:
+            loss, grads, guards_hold = outputs
         if not bool(guards_hold):
             self.counts["guard_failures"] += 1
             self._guard_failures += 1
@@ -331,27 +340,64 @@ class SVIStep:
                 warnings.warn(
                     f"SVIStep: leaving the {self.engine} engine, {self.disabled_reason}", stacklevel=3
                 )
-            return None  # recompute this step eagerly (raising any validation error)
+            return None  # recompute this step eagerly (raising any validation error or non-finite loss)
         self._guard_failures = 0
-        self._check_finite(loss)
-        for param, grad in zip(self.params, grads):
-            param.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if grads is not None:  # else the graph has updated parameters and Adam's state in place
+            for param, grad in zip(self.params, grads):
+                param.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
             self.after_step()
         self.counts["graph"] += 1
         return loss
 
     # ---- tracing -----------------------------------------------------------------------------------------
+    def _adam_in_graph(self) -> bool:
+        """Whether the compiled graph can carry the Adam update too (plain Adam, state initialized)."""
+        if self.engine != "compile" or len(self.optimizer.param_groups) != 1:
+            return False
+        group = self.optimizer.param_groups[0]
+        plain = not (
+            group["amsgrad"] or group["maximize"] or group["weight_decay"] or group["differentiable"]
+        )
+        return plain and all("exp_avg" in self.optimizer.state[p] for p in self.params)
+
+    def _adam_state(self) -> list[list[torch.Tensor]]:
+        state = self.optimizer.state
+        return [[state[p][key] for p in self.params] for key in ("exp_avg", "exp_avg_sq", "step")]
+
+    def _adam_update(self, params, grads, state, ok) -> None:
+        """Adam (Kingma & Ba 2015, Algorithm 1, as ``torch.optim.Adam`` computes it), applied if ``ok``.
+
+        m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε).
+        """
+        group = self.optimizer.param_groups[0]
+        (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        with torch.no_grad():
+            for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, *state):
+                new_step = step + 1
+                new_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+                new_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                correction1 = 1 - torch.pow(beta1, new_step)
+                correction2_sqrt = (1 - torch.pow(beta2, new_step)).sqrt()
+                new_param = param - (lr / correction1) * new_avg / (
+                    new_avg_sq.sqrt() / correction2_sqrt + eps
+                )
+                param.copy_(torch.where(ok, new_param, param))
+                exp_avg.copy_(torch.where(ok, new_avg, exp_avg))
+                exp_avg_sq.copy_(torch.where(ok, new_avg_sq, exp_avg_sq))
+                step.copy_(torch.where(ok, new_step, step))
+
     def _build_graph(self, args, kwargs, signature) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self._graph_signature = signature
         params = self.params
         treedef_args = (args, kwargs)
+        self._fused_update = self._adam_in_graph()
 
-        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
+        def loss_and_grads(params: list[torch.Tensor]):
             recorder = _GuardRecorder()
             with recorder.mode:
                 loss = self.elbo.differentiable_loss(
@@ -359,17 +405,39 @@ class SVIStep:
                 )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            return loss.detach(), grads, recorder.all_hold()
+            # one flag, one host sync per step: every guard holds and the loss is finite
+            return loss.detach(), grads, recorder.all_hold() & torch.isfinite(loss.detach())
+
+        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
+            return loss_and_grads(params)
+
+        def step_and_update(params: list[torch.Tensor], state: list, data: list[torch.Tensor]):
+            loss, grads, ok = loss_and_grads(params)
+            self._adam_update(params, grads, state, ok)
+            return loss, ok
 
         devices = [p.device for p in params if p.device.type == "cuda"][:1]
+        saved = None
         try:
-            # Tracing runs the program once: keep the random number stream as if it had not.
+            # Tracing runs the program once: keep the random number stream as if it had not, and (when the
+            # update is traced too) the parameters and optimizer state as they were.
             with torch.random.fork_rng(devices=devices), _loss_values_as_tensors(), pyro.poutine.block():
-                graph = make_fx(step)(params, _leaves(treedef_args))
+                if self._fused_update:
+                    state = self._adam_state()
+                    saved = [t.detach().clone() for t in (*params, *state[0], *state[1], *state[2])]
+                    graph = make_fx(step_and_update)(params, state, _leaves(treedef_args))
+                else:
+                    graph = make_fx(step)(params, _leaves(treedef_args))
         except Exception as error:
             self.disabled_reason = f"tracing failed ({type(error).__name__}: {error})"
             warnings.warn(f"SVIStep: running eagerly, {self.disabled_reason}", stacklevel=3)
             return
+        finally:
+            if saved is not None:
+                state = self._adam_state()
+                with torch.no_grad():
+                    for tensor, value in zip((*params, *state[0], *state[1], *state[2]), saved):
+                        tensor.copy_(value)
         if self.engine == "compile":
             self._traced = graph
             graph = torch.compile(graph, fullgraph=True, dynamic=False)
