@@ -16,11 +16,13 @@ param-store re-tracing cost more than the network itself on small batches. Three
     without any Python of Pyro's, so it is equal to the eager step (tested bit for bit on CPU).
 
 ``"compile"``
-    the traced graph, compiled by ``torch.compile`` (Inductor), which fuses the element-wise work of
-    Pyro's log-densities, validation checks and backward pass into a few kernels around the matrix
-    products. Compiling takes tens of seconds once per run (cached on disk by Inductor afterwards), and
-    Inductor draws its own random numbers (seeded from torch's generator), so it matches the eager step in
-    distribution, not bit for bit.
+    the traced graph, with the Adam update recorded into it as well (applied only when the step's guards
+    hold and its loss is finite), compiled whole by ``torch.compile`` (Inductor): the element-wise work of
+    Pyro's log-densities, validation checks, backward pass and Adam becomes a few fused kernels around
+    the matrix products, and a step is one call. Compiling takes tens of seconds once per run (Inductor
+    caches it on disk), and Inductor draws its own random numbers (seeded from torch's generator), so it
+    matches the eager step in distribution, not bit for bit. (Adam with ``amsgrad``, ``maximize`` or
+    ``weight_decay`` keeps the separate optimizer step.)
 
 What tracing assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
