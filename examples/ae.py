@@ -88,7 +88,7 @@ if __name__ == "__main__":
     parser.add_argument("--scale", default=0.1, type=float, help="standard deviation s of the likelihood")
     parser.add_argument("--num-train", default=4000, type=int, help="training digits used")
     parser.add_argument("--num-test", default=1000, type=int, help="test digits used")
-    parser.add_argument("--out", default="ae_example", help="folder for the pictures")
+    parser.add_argument("--out", default="runs/examples", help="folder for the pictures")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     main(parser.parse_args())

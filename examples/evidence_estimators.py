@@ -17,7 +17,7 @@ import torch
 
 from pvae.inference import estimator_spread, fit
 from pvae.models.toy import ExponentialGaussian
-from pvae.posterior_plots import plot_estimator_spread
+from pvae.plots import plot_estimator_spread
 from pvae.utils import resolve_device, seed_everything
 
 

@@ -124,7 +124,7 @@ class Comparison:
 
         Continuous scalar sites get density curves; discrete sites get side-by-side bars of probabilities.
         """
-        from pvae.posterior_plots import plot_comparison
+        from pvae.plots import plot_comparison
 
         return plot_comparison(self, path, max_panels=max_panels, labels=labels)
 

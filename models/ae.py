@@ -28,7 +28,6 @@ seed's example: length × 96 features). Event dims of ``"z"`` and ``"x"`` are th
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -74,6 +73,15 @@ def _check_finite(x: torch.Tensor) -> None:
         if not finite.all():
             count = int((~finite).sum())
             raise ValueError(f"x must be finite; it has {count} NaN/inf entr{'y' if count == 1 else 'ies'}")
+
+
+def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """The likelihood's scale as a 0-d tensor on ``like``'s device and dtype, made once per pair."""
+    key = (like.device, like.dtype)
+    tensor = cache.get(key)
+    if tensor is None:
+        tensor = cache[key] = torch.full((), scale, dtype=like.dtype, device=like.device)
+    return tensor
 
 
 def _check_dim(name: str, value) -> int:
@@ -140,21 +148,11 @@ class AE(Family):
         self.encoder = mlp([x_dim, hidden_dim, z_dim])
         self.decoder = mlp([z_dim, hidden_dim, x_dim])
         self.config = AEConfig(x_dim, hidden_dim, z_dim, self.scale, self.name)
-        # The likelihood's scale as a 0-d tensor that follows .to(device/dtype); not part of the state dict.
-        self.register_buffer("_scale", torch.tensor(self.scale), persistent=False)
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- data checks -------------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
-        if torch.jit.is_tracing():
-            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
-            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return self._checked(x)
-        return self._checked(x)
-
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -190,7 +188,11 @@ class AE(Family):
             code_shape = (*x.shape[1:-1], self.z_dim)  # (z_dim,) or (length, z_dim)
             z = pyro.sample("z", FlatPrior(x.shape[:1], code_shape))
             loc = self.decoder(z)  # shaped like x (with any leading particle dims)
-            pyro.sample("x", dist.Normal(loc, self._scale).to_event(event_dims), obs=x)
+            pyro.sample(
+                "x",
+                dist.Normal(loc, _cached_scale(self._scales, self.scale, loc)).to_event(event_dims),
+                obs=x,
+            )
 
     def guide(self, x: torch.Tensor) -> None:
         """Point mass at the code: ``"z"`` ~ Delta(encoder(x)) (a DAE encodes a corrupted x).

@@ -49,7 +49,7 @@ __all__ = [
     "ExponentialGaussianConfig",
 ]
 
-DEFAULT_AMORTIZED_STEPS = 3000
+DEFAULT_AMORTIZED_STEPS = 2000
 DEFAULT_PER_DATUM_STEPS = 1000
 
 
@@ -188,11 +188,12 @@ class ExponentialGaussian(Family):
         """How to fit one of the guides by SVI: ``(guide_fn, data, num_steps, optimizer)``.
 
         The per-datum guides are fitted on ``x`` itself; the amortized guide is fitted on a grid of x over
-        [−3, 5] (then used for any x). Adam's step size decays geometrically from 2e-2 to 1e-3 so the
-        fitted guide settles instead of jittering with the Monte-Carlo gradient noise.
+        [−3, 5] (then used for any x). Adam's step size decays geometrically from 2e-2 to 1e-4 so the
+        fitted guide settles instead of jittering with the Monte-Carlo gradient noise (with a final step
+        size of 1e-3 the amortized guide's mean KL still wandered between 1e-4 and 1.5e-3 across seeds).
 
         :param guide: ``"exact"``, ``"meanfield"``, ``"lognormal"`` or ``"amortized"``.
-        :param num_steps: SVI steps (default: 1000 per-datum, 3000 amortized; 0 for ``"exact"``).
+        :param num_steps: SVI steps (default: 1000 per-datum, 2000 amortized; 0 for ``"exact"``).
         """
         guides = self.guides()
         if guide not in guides:
@@ -201,7 +202,7 @@ class ExponentialGaussian(Family):
         if num_steps is None:
             num_steps = {"exact": 0, "amortized": DEFAULT_AMORTIZED_STEPS}.get(guide, DEFAULT_PER_DATUM_STEPS)
         data = self.amortized_training_data(dtype=x.dtype, device=x.device) if guide == "amortized" else x
-        decay = (1e-3 / 2e-2) ** (1.0 / max(num_steps, 1))
+        decay = (1e-4 / 2e-2) ** (1.0 / max(num_steps, 1))
         optimizer = pyro.optim.ClippedAdam({"lr": 2e-2, "lrd": decay})
         return guides[guide], data, num_steps, optimizer
 

@@ -25,7 +25,6 @@ binarize="dynamic")``) or choose ``likelihood="gaussian"``.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -49,8 +48,8 @@ class VAEConfig:
     z_dim: int = 20
     hidden_dim: int = 400
     likelihood: str = "bernoulli"
-    scale: float = 0.1
     name: str | None = None
+    scale: float = 0.1
 
 
 def _check_dim(name: str, value) -> int:
@@ -101,8 +100,8 @@ class VAE(Family):
     :param hidden_dim: width of the hidden layer of encoder and decoder.
     :param likelihood: ``"bernoulli"`` (binary data, decoder gives logits) or ``"gaussian"``
         (decoder gives the mean; fixed standard deviation ``scale``).
-    :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
     :param name: prefix in Pyro's param store (default: a unique ``"vae_<k>"``).
+    :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
     """
 
     def __init__(
@@ -111,8 +110,8 @@ class VAE(Family):
         z_dim: int = 20,
         hidden_dim: int = 400,
         likelihood: str = "bernoulli",
-        scale: float = 0.1,
         name: str | None = None,
+        scale: float = 0.1,
     ):
         super().__init__(name)
         _check_dim("x_dim", x_dim)
@@ -121,19 +120,18 @@ class VAE(Family):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         scale = check_positive("scale", scale)
-        self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, scale, self.name)
+        self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, self.name, scale)
         self.x_dim, self.z_dim, self.likelihood, self.scale = x_dim, z_dim, likelihood, scale
         self.encoder = nn.Sequential(
             nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
         )
         self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, x_dim))
-        # The Gaussian likelihood's scale: a 0-d tensor following .to(device/dtype), not in the state dict.
-        self.register_buffer("_scale", torch.tensor(scale), persistent=False)
         # p(z) = Normal(0, I), built once per (device, dtype) rather than on every model call.
         self._priors: dict[tuple[torch.device, torch.dtype], dist.TorchDistribution] = {}
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # the likelihood's scale
 
     # ---- data checks -------------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten to (batch, x_dim), cast to the parameters' dtype, and check the values.
 
         The value check is one cheap reduction whose result is non-zero or non-finite exactly when some
@@ -141,15 +139,6 @@ class VAE(Family):
         propagate), Σx under the Gaussian one (non-finite when an entry is NaN/inf). Only then does
         :meth:`_check_values` look closer and explain.
         """
-        if torch.jit.is_tracing():
-            # A traced step (JitTrace_ELBO) runs this Python once, on the batch it traces with: check that
-            # batch without the tracer's warnings about tensor → bool; later batches run the compiled graph.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return self._checked(x)
-        return self._checked(x)
-
-    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         x = flatten_data(x, self.x_dim)
         dtype = self.decoder[0].weight.dtype
         if x.dtype != dtype:
@@ -191,7 +180,11 @@ class VAE(Family):
     def _likelihood(self, output: torch.Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=output).to_event(1)
-        return dist.Normal(output, self._scale).to_event(1)
+        key = (output.device, output.dtype)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = self._scales[key] = torch.full((), self.scale, dtype=output.dtype, device=output.device)
+        return dist.Normal(output, scale).to_event(1)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, log_var = self.encoder(x).chunk(2, dim=-1)  # (batch, z_dim) each

@@ -119,7 +119,7 @@ def _register_toy(subparsers) -> None:
         "--num-steps",
         type=_non_negative_int,
         default=None,
-        help="SVI steps (default 1000; 3000 for amortized)",
+        help="SVI steps (default 1000; 2000 for amortized)",
     )
     parser.add_argument(
         "--num-samples", type=_positive_int, default=1000, help="guide draws for the comparison"
@@ -186,7 +186,7 @@ def _demo_toy(ctx: DemoContext) -> str:
 
     from pvae.inference import compare, estimator_spread
     from pvae.models.toy import ExponentialGaussian
-    from pvae.posterior_plots import plot_estimator_spread, plot_posterior_sweep
+    from pvae.plots import plot_estimator_spread, plot_posterior_sweep
     from pvae.utils import resolve_device, seed_everything
 
     device = resolve_device(ctx.device)

@@ -12,6 +12,7 @@ This base gives it two things the rest of pvae relies on:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,22 @@ class Family(nn.Module):
                 f"{type(self).__name__} must set self.config to a dataclass of its constructor arguments"
             )
         return dataclasses.asdict(self.config)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Check and cast a batch of data with the family's ``_checked(x)``, quietly under JIT tracing.
+
+        A traced step (``JitTrace_ELBO``) runs this Python once, on the batch it traces with: that batch is
+        checked without the tracer's warnings about tensor → bool; later batches run the compiled graph.
+        """
+        if torch.jit.is_tracing():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._checked(x)
+        return self._checked(x)
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate and cast one batch; families that take batches of data override this."""
+        return x
 
     @property
     def device(self):

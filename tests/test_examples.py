@@ -15,6 +15,9 @@ EXAMPLES = [
     "toy_posterior.py --guide exact",
     "evidence_estimators.py --num-samples 10 50 --repeats 3 --num-steps 20",
     "mixture_enumeration.py --num-data 50 --num-steps 10",
+    "ae.py --num-epochs 1 --num-train 256 --num-test 64",
+    "dae.py --num-epochs 1 --num-train 256 --num-test 64 --corruption gaussian --noise 0.3",
+    "vae.py --num-epochs 1 --num-train 256 --num-test 64 --num-samples 10 --z-dim 2 --analytic-kl",
 ]
 
 
