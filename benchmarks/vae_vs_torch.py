@@ -242,7 +242,10 @@ def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
     before = [hand.epoch() for _ in range((epochs + 1) // 2)]
     command = [sys.executable, os.path.abspath(__file__), "--numpyro-child", str(z_dim), str(batch_size)]
     command += ["--epochs", str(epochs), "--seed", str(seed)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    environment = dict(os.environ)
+    if torch.get_num_threads() == 1:  # give XLA one thread too
+        environment["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    completed = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     numpyro_times = json.loads(completed.stdout.strip().splitlines()[-1])
     after = [hand.epoch() for _ in range(epochs - len(before))]
     return numpyro_times, before + after
