@@ -164,6 +164,9 @@ class SVIStep:
     :param after_step: called with no arguments after every optimizer step (e.g. an EMA of weights).
     :param adam_kwargs: further ``torch.optim.Adam`` arguments (``betas``, ``eps``, ``weight_decay``,
         ``fused``).
+    :param compile_options: keyword arguments for ``torch.compile`` with ``engine="compile"``, e.g.
+        ``{"mode": "max-autotune-no-cudagraphs"}`` (Inductor then times its own GEMM kernels against ATen's),
+        or ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class SVIStep:
         module: nn.Module | None = None,
         after_step: Callable[[], None] | None = None,
         adam_kwargs: dict | None = None,
+        compile_options: dict | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -185,6 +189,7 @@ class SVIStep:
         self.model, self.guide, self.elbo = model, guide, elbo
         self.lr, self.engine, self.module, self.after_step = float(lr), engine, module, after_step
         self.adam_kwargs = dict(adam_kwargs or {})
+        self.compile_options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
         self.param_names: list[str] | None = None
         self.params: list[torch.Tensor] | None = None
         self.optimizer: torch.optim.Adam | None = None
@@ -442,5 +447,5 @@ class SVIStep:
                         tensor.copy_(value)
         if self.engine == "compile":
             self._traced = graph
-            graph = torch.compile(graph, fullgraph=True, dynamic=False)
+            graph = torch.compile(graph, **self.compile_options)
         self._graph = graph

@@ -140,6 +140,7 @@ def train(
     num_particles: int = 1,
     engine: str = "eager",
     adam_kwargs: dict | None = None,
+    compile_options: dict | None = None,
     metadata: dict | None = None,
     callback: Callable[[int, History], None] | None = None,
 ) -> History:
@@ -166,6 +167,7 @@ def train(
     :param engine: ``"eager"``, ``"trace"`` (replay a recorded graph of the step) or ``"compile"`` (that
         graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
     :param adam_kwargs: further ``torch.optim.Adam`` arguments.
+    :param compile_options: ``torch.compile`` keyword arguments for ``engine="compile"`` (e.g. ``mode``).
     :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
     :param callback: called as ``callback(epoch, history)`` after each epoch (1-based, after its checkpoint),
         e.g. to print progress, stop early (by raising), or interleave other work.
@@ -197,6 +199,7 @@ def train(
         module=family,
         after_step=after_step if callable(after_step) else None,
         adam_kwargs=adam_kwargs,
+        compile_options=compile_options,
     )
     history = History(objective=_objective_name(objective))
     start_epoch = 0
