@@ -13,7 +13,8 @@ the test loader without gradients after the epoch.
 Resuming: a checkpoint is written atomically after every epoch (after the test evaluation), holding the
 family, the optimizer, Python/NumPy/torch/CUDA generator states and the training loader's generator. A run
 resumed from it replays the remaining epochs exactly as the uninterrupted run would have (bit for bit on
-CPU with the eager or trace engine), wherever the interruption happened within the next epoch.
+CPU with the eager or trace engine), wherever the interruption happened within the next epoch. (The test
+loader's own state is not saved: give it ``shuffle=False`` for test ELBOs that match too.)
 """
 
 from __future__ import annotations
