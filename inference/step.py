@@ -198,7 +198,6 @@ class SVIStep:
         self._traced = None
         self._fused_update = False
         self._graph_signature = None
-        self._graph_guards = 0
         self._guard_failures = 0
         self.disabled_reason: str | None = None
         self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
