@@ -16,11 +16,13 @@ param-store re-tracing cost more than the network itself on small batches. Three
     without any Python of Pyro's, so it is equal to the eager step (tested bit for bit on CPU).
 
 ``"compile"``
-    the traced graph, compiled by ``torch.compile`` (Inductor), which fuses the element-wise work of
-    Pyro's log-densities, validation checks and backward pass into a few kernels around the matrix
-    products. Compiling takes tens of seconds once per run (cached on disk by Inductor afterwards), and
-    Inductor draws its own random numbers (seeded from torch's generator), so it matches the eager step in
-    distribution, not bit for bit.
+    the traced graph, with the Adam update recorded into it as well (applied only when the step's guards
+    hold and its loss is finite), compiled whole by ``torch.compile`` (Inductor): the element-wise work of
+    Pyro's log-densities, validation checks, backward pass and Adam becomes a few fused kernels around
+    the matrix products, and a step is one call. Compiling takes tens of seconds once per run (Inductor
+    caches it on disk), and Inductor draws its own random numbers (seeded from torch's generator), so it
+    matches the eager step in distribution, not bit for bit. (Adam with ``amsgrad``, ``maximize`` or
+    ``weight_decay`` keeps the separate optimizer step.)
 
 What tracing assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
@@ -148,8 +150,9 @@ class SVIStep:
 
     Parameters are those of the param-store sites the pair touches on its first step (for a family, its
     ``pyro.module`` parameters), optimized by a single ``torch.optim.Adam``. The returned loss is a detached
-    0-dim tensor on the parameters' device (no host sync), −ELBO summed over the data plate as Pyro reports
-    it (the loss of the given ``elbo``).
+    0-dim tensor on the parameters' device, −ELBO summed over the data plate as Pyro reports it (the loss of
+    the given ``elbo``). A NaN/inf loss raises ``FloatingPointError`` *before* the optimizer step, so the
+    parameters keep their last finite values.
 
     :param model: Pyro model.
     :param guide: Pyro guide.
@@ -161,6 +164,9 @@ class SVIStep:
     :param after_step: called with no arguments after every optimizer step (e.g. an EMA of weights).
     :param adam_kwargs: further ``torch.optim.Adam`` arguments (``betas``, ``eps``, ``weight_decay``,
         ``fused``).
+    :param compile_options: keyword arguments for ``torch.compile`` with ``engine="compile"``, e.g.
+        ``{"mode": "max-autotune-no-cudagraphs"}`` (Inductor then times its own GEMM kernels against ATen's),
+        or ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class SVIStep:
         module: nn.Module | None = None,
         after_step: Callable[[], None] | None = None,
         adam_kwargs: dict | None = None,
+        compile_options: dict | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -182,14 +189,15 @@ class SVIStep:
         self.model, self.guide, self.elbo = model, guide, elbo
         self.lr, self.engine, self.module, self.after_step = float(lr), engine, module, after_step
         self.adam_kwargs = dict(adam_kwargs or {})
+        self.compile_options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
         self.param_names: list[str] | None = None
         self.params: list[torch.Tensor] | None = None
         self.optimizer: torch.optim.Adam | None = None
         self._pending_optimizer_state: dict | None = None
         self._graph = None
         self._traced = None
+        self._fused_update = False
         self._graph_signature = None
-        self._graph_guards = 0
         self._guard_failures = 0
         self.disabled_reason: str | None = None
         self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
@@ -277,6 +285,13 @@ class SVIStep:
             return loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         return torch.tensor(float(self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)))
 
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            error = FloatingPointError(f"the loss is {float(loss)}; the parameters were not updated")
+            error.loss = float(loss)
+            raise error
+
     def _eager_step(self, args, kwargs) -> torch.Tensor:
         if self.params is None:
             with poutine.trace(param_only=True) as capture:
@@ -284,6 +299,7 @@ class SVIStep:
             self._capture(capture.trace)
         else:
             loss = self._loss_and_backward(args, kwargs)
+        self._check_finite(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
@@ -291,11 +307,16 @@ class SVIStep:
         self.counts["eager"] += 1
         return loss.to(self.params[0].device)
 
+    def _call_graph(self, data: list[torch.Tensor]):
+        if self._fused_update:
+            return self._graph(self.params, self._adam_state(), data)
+        return self._graph(self.params, data)
+
     def _run_graph(self, data: list[torch.Tensor]):
         if self._traced is None:
-            return self._graph(self.params, data)
+            return self._call_graph(data)
         try:  # first call of the compiled graph: compile now, or fall back to the traced graph
-            outputs = self._graph(self.params, data)
+            outputs = self._call_graph(data)
         except Exception as error:
             warnings.warn(
                 f"SVIStep: torch.compile failed ({type(error).__name__}: {error}); replaying the traced "
@@ -303,14 +324,17 @@ class SVIStep:
                 stacklevel=4,
             )
             self._graph = self._traced
-            outputs = self._graph(self.params, data)
+            outputs = self._call_graph(data)
         self._traced = None
         return outputs
 
     def _graph_step(self, args, kwargs) -> torch.Tensor | None:
         with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
             outputs = self._run_graph(_leaves((args, kwargs)))
-        loss, grads, guards_hold = outputs
+        if self._fused_update:
+            (loss, guards_hold), grads = outputs, None
+        else:
+            loss, grads, guards_hold = outputs
         if not bool(guards_hold):
             self.counts["guard_failures"] += 1
             self._guard_failures += 1
@@ -322,26 +346,64 @@ class SVIStep:
                 warnings.warn(
                     f"SVIStep: leaving the {self.engine} engine, {self.disabled_reason}", stacklevel=3
                 )
-            return None  # recompute this step eagerly (raising any validation error)
+            return None  # recompute this step eagerly (raising any validation error or non-finite loss)
         self._guard_failures = 0
-        for param, grad in zip(self.params, grads):
-            param.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if grads is not None:  # else the graph has updated parameters and Adam's state in place
+            for param, grad in zip(self.params, grads):
+                param.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
             self.after_step()
         self.counts["graph"] += 1
         return loss
 
     # ---- tracing -----------------------------------------------------------------------------------------
+    def _adam_in_graph(self) -> bool:
+        """Whether the compiled graph can carry the Adam update too (plain Adam, state initialized)."""
+        if self.engine != "compile" or len(self.optimizer.param_groups) != 1:
+            return False
+        group = self.optimizer.param_groups[0]
+        plain = not (
+            group["amsgrad"] or group["maximize"] or group["weight_decay"] or group["differentiable"]
+        )
+        return plain and all("exp_avg" in self.optimizer.state[p] for p in self.params)
+
+    def _adam_state(self) -> list[list[torch.Tensor]]:
+        state = self.optimizer.state
+        return [[state[p][key] for p in self.params] for key in ("exp_avg", "exp_avg_sq", "step")]
+
+    def _adam_update(self, params, grads, state, ok) -> None:
+        """Adam (Kingma & Ba 2015, Algorithm 1, as ``torch.optim.Adam`` computes it), applied if ``ok``.
+
+        m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε).
+        """
+        group = self.optimizer.param_groups[0]
+        (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        with torch.no_grad():
+            for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, *state):
+                new_step = step + 1
+                new_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+                new_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                correction1 = 1 - torch.pow(beta1, new_step)
+                correction2_sqrt = (1 - torch.pow(beta2, new_step)).sqrt()
+                new_param = param - (lr / correction1) * new_avg / (
+                    new_avg_sq.sqrt() / correction2_sqrt + eps
+                )
+                param.copy_(torch.where(ok, new_param, param))
+                exp_avg.copy_(torch.where(ok, new_avg, exp_avg))
+                exp_avg_sq.copy_(torch.where(ok, new_avg_sq, exp_avg_sq))
+                step.copy_(torch.where(ok, new_step, step))
+
     def _build_graph(self, args, kwargs, signature) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self._graph_signature = signature
         params = self.params
         treedef_args = (args, kwargs)
+        self._fused_update = self._adam_in_graph()
 
-        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
+        def loss_and_grads(params: list[torch.Tensor]):
             recorder = _GuardRecorder()
             with recorder.mode:
                 loss = self.elbo.differentiable_loss(
@@ -349,18 +411,40 @@ class SVIStep:
                 )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            return loss.detach(), grads, recorder.all_hold()
+            # one flag, one host sync per step: every guard holds and the loss is finite
+            return loss.detach(), grads, recorder.all_hold() & torch.isfinite(loss.detach())
+
+        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
+            return loss_and_grads(params)
+
+        def step_and_update(params: list[torch.Tensor], state: list, data: list[torch.Tensor]):
+            loss, grads, ok = loss_and_grads(params)
+            self._adam_update(params, grads, state, ok)
+            return loss, ok
 
         devices = [p.device for p in params if p.device.type == "cuda"][:1]
+        saved = None
         try:
-            # Tracing runs the program once: keep the random number stream as if it had not.
+            # Tracing runs the program once: keep the random number stream as if it had not, and (when the
+            # update is traced too) the parameters and optimizer state as they were.
             with torch.random.fork_rng(devices=devices), _loss_values_as_tensors(), pyro.poutine.block():
-                graph = make_fx(step)(params, _leaves(treedef_args))
+                if self._fused_update:
+                    state = self._adam_state()
+                    saved = [t.detach().clone() for t in (*params, *state[0], *state[1], *state[2])]
+                    graph = make_fx(step_and_update)(params, state, _leaves(treedef_args))
+                else:
+                    graph = make_fx(step)(params, _leaves(treedef_args))
         except Exception as error:
             self.disabled_reason = f"tracing failed ({type(error).__name__}: {error})"
             warnings.warn(f"SVIStep: running eagerly, {self.disabled_reason}", stacklevel=3)
             return
+        finally:
+            if saved is not None:
+                state = self._adam_state()
+                with torch.no_grad():
+                    for tensor, value in zip((*params, *state[0], *state[1], *state[2]), saved):
+                        tensor.copy_(value)
         if self.engine == "compile":
             self._traced = graph
-            graph = torch.compile(graph, fullgraph=True, dynamic=False)
+            graph = torch.compile(graph, **self.compile_options)
         self._graph = graph

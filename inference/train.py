@@ -13,15 +13,15 @@ the test loader without gradients after the epoch.
 Resuming: a checkpoint is written atomically after every epoch (after the test evaluation), holding the
 family, the optimizer, Python/NumPy/torch/CUDA generator states and the training loader's generator. A run
 resumed from it replays the remaining epochs exactly as the uninterrupted run would have (bit for bit on
-CPU with the eager or trace engine), wherever the interruption happened within the next epoch.
+CPU with the eager or trace engine), wherever the interruption happened within the next epoch. (The test
+loader's own state is not saved: give it ``shuffle=False`` for test ELBOs that match too.)
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -124,13 +124,6 @@ def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) 
     return total / count
 
 
-def _first_bad_step(losses: list[torch.Tensor]) -> int | None:
-    finite = torch.isfinite(torch.stack(losses))
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
-
-
 def train(
     family,
     train_loader: Iterable,
@@ -148,7 +141,9 @@ def train(
     num_particles: int = 1,
     engine: str = "eager",
     adam_kwargs: dict | None = None,
+    compile_options: dict | None = None,
     metadata: dict | None = None,
+    callback: Callable[[int, History], None] | None = None,
 ) -> History:
     """Fit a family by SVI with Adam for a number of epochs over ``train_loader``.
 
@@ -173,7 +168,10 @@ def train(
     :param engine: ``"eager"``, ``"trace"`` (replay a recorded graph of the step) or ``"compile"`` (that
         graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
     :param adam_kwargs: further ``torch.optim.Adam`` arguments.
+    :param compile_options: ``torch.compile`` keyword arguments for ``engine="compile"`` (e.g. ``mode``).
     :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
+    :param callback: called as ``callback(epoch, history)`` after each epoch (1-based, after its checkpoint),
+        e.g. to print progress, stop early (by raising), or interleave other work.
     :returns: the :class:`History` of all epochs (including those before a resume).
     :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
         last good checkpoint in place.
@@ -202,6 +200,7 @@ def train(
         module=family,
         after_step=after_step if callable(after_step) else None,
         adam_kwargs=adam_kwargs,
+        compile_options=compile_options,
     )
     history = History(objective=_objective_name(objective))
     start_epoch = 0
@@ -235,35 +234,34 @@ def train(
         sizes: list[int] = []
         started = time.perf_counter()
         total = len(train_loader) if hasattr(train_loader, "__len__") else None
-        shown, last_update = 0, started
-        with progress_bar(
-            train_loader, progress=progress, total=total, desc=f"epoch {epoch + 1}/{epochs}"
-        ) as bar:
+        last_update = started
+        description = f"epoch {epoch + 1}/{epochs}"
+        with progress_bar(train_loader, progress=progress, total=total, desc=description) as bar:
             for batch in bar:
                 x = batch_data(batch)
                 if x.device != device:
                     x = x.to(device, non_blocking=True)
-                losses.append(step(x))
+                try:
+                    losses.append(step(x))
+                except FloatingPointError as error:
+                    kept = (
+                        f"the last good checkpoint ({checkpoint}) is kept"
+                        if checkpoint
+                        else "none is written"
+                    )
+                    raise FloatingPointError(
+                        f"the loss became {getattr(error, 'loss', 'non-finite')} at epoch {epoch + 1}, step "
+                        f"{len(losses) + 1} of this epoch; the parameters were not updated and {kept}. Try a "
+                        f"smaller lr (now {lr})."
+                    ) from error
                 sizes.append(x.shape[0])
                 now = time.perf_counter()
-                if now - last_update > 0.5:  # the running loss, and an early stop on NaN, twice a second
-                    running = torch.stack(losses[shown:]).sum().item() / sum(sizes[shown:])
-                    if not math.isfinite(running):
-                        break
+                if progress and now - last_update > 0.5:  # the running loss per datum, twice a second
+                    recent = max(1, len(losses) // 10)
+                    running = torch.stack(losses[-recent:]).sum().item() / sum(sizes[-recent:])
                     bar.set_postfix(loss=f"{running:.2f}")
                     last_update = now
         epoch_seconds = time.perf_counter() - started
-        bad = _first_bad_step(losses)
-        if bad is not None:
-            kept = (
-                f"the last good checkpoint ({checkpoint}) is kept"
-                if checkpoint
-                else "no checkpoint is written"
-            )
-            raise FloatingPointError(
-                f"the loss became {float(losses[bad])} at epoch {epoch + 1}, step {bad + 1} of this epoch; "
-                f"{kept}. Try a smaller lr (now {lr})."
-            )
         step_losses = [value / size for value, size in zip(torch.stack(losses).tolist(), sizes)]
         history.step_losses += step_losses
         history.train_elbo.append(-sum(value * size for value, size in zip(step_losses, sizes)) / sum(sizes))
@@ -288,4 +286,6 @@ def train(
                 loader=generator.get_state() if generator is not None else None,
                 train_config=train_config,
             )
+        if callback is not None:
+            callback(epoch + 1, history)
     return history

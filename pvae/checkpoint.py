@@ -156,9 +156,8 @@ def _restore_free_params(section: dict, prefix: str, device) -> None:
         constraint = _constraint_from_spec(section["constraints"][relative])
         if name in store:
             del store[name]
-        with torch.no_grad():
-            constrained = constraints.transform_to(constraint)(unconstrained.to(device))
-        store.setdefault(name, constrained, constraint)
+        value = unconstrained.detach().to(device).clone().requires_grad_(True)
+        store.set_state({"params": {name: value}, "constraints": {name: constraint}})  # merges, exactly
 
 
 # ---- random number generators ----------------------------------------------------------------------------
@@ -284,7 +283,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+        KeyError,
+    ) as error:
         raise ValueError(f"{path!r} is not a pvae checkpoint (torch.load failed: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path!r} is not a pvae checkpoint (no '{CHECKPOINT_FORMAT}' marker)")

@@ -41,18 +41,17 @@ ELBOS = {
     "iwae": lambda: IWAE_ELBO(num_particles=3),
     "elbo-2particles": lambda: Trace_ELBO(num_particles=2),
 }
-CASES = [("vae", "elbo"), ("vae", "meanfield"), ("vae", "iwae"), ("vae", "elbo-2particles")]
-CASES += [("vae-gaussian", "elbo"), ("dae", "elbo")]
+CASES = [("vae", "elbo"), ("vae", "iwae"), ("vae-gaussian", "meanfield"), ("dae", "elbo-2particles")]
 
 
 @pytest.mark.parametrize("family_name, elbo_name", CASES, ids=[f"{f}-{e}" for f, e in CASES])
 def test_traced_step_equals_the_eager_pyro_step_bit_for_bit(family_name, elbo_name):
-    batches = _batches(12, binary=family_name == "vae")
-    eager_family, eager, eager_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "eager", batches)
+    batches = _batches(6, binary=family_name == "vae")
+    eager_family, _, eager_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "eager", batches)
     traced_family, traced, traced_losses = _run(FAMILIES[family_name], ELBOS[elbo_name], "trace", batches)
-    assert traced.counts["graph"] == 11 and traced.counts["eager"] == 1 and traced.disabled_reason is None
+    assert traced.counts["graph"] == 5 and traced.counts["eager"] == 1 and traced.disabled_reason is None
     for (name, a), b in zip(eager_family.named_parameters(), traced_family.parameters()):
-        assert torch.equal(a, b), name  # same draws, same kernels: identical after 12 Adam steps
+        assert torch.equal(a, b), name  # same draws, same kernels: identical after 6 Adam steps
     # Pyro adds the reported loss up in Python floats, the graph in float32: equal to rounding.
     torch.testing.assert_close(traced_losses, eager_losses, rtol=1e-6, atol=1e-4)
 

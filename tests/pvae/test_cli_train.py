@@ -1,0 +1,88 @@
+"""pvae train / evaluate / sample on small digit subsets, end to end (and on a GPU when there is one)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pvae import cli
+from pvae.checkpoint import load_checkpoint
+
+TINY = ["--num-train", "240", "--num-test", "60", "--batch-size", "60", "--hidden-dim", "32"]
+
+
+def _json(capsys, argv):
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)  # stdout holds only the JSON
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    assert (
+        cli.main(["train", "vae", "--epochs", "1", "--z-dim", "2", "--out", str(out), "--json", *TINY]) == 0
+    )
+    return out
+
+
+def test_train_vae_writes_checkpoint_history_and_pictures(trained_vae):
+    names = {path.name for path in trained_vae.iterdir()}
+    expected = {"reconstructions.png", "samples.png", "elbo.png", "latent.png", "manifold.png"}
+    assert {"checkpoint.pt", "history.json"} | expected <= names
+    saved = load_checkpoint(trained_vae / "checkpoint.pt")
+    assert saved["epoch"] == 1 and saved["train_config"]["dataset"] == "mnist5k"
+    assert saved["train_config"]["num_train"] == 240 and saved["train_config"]["binarize"] == "dynamic"
+
+
+def test_evaluate_json_has_exactly_the_documented_keys(trained_vae, capsys):
+    result = _json(capsys, ["evaluate", str(trained_vae / "checkpoint.pt"), "--num-samples", "20", "--json"])
+    assert set(result) == {"log_likelihood", "stderr", "num_images", "num_samples"}
+    assert result["num_images"] == 60 and result["num_samples"] == 20
+    assert -800 < result["log_likelihood"] < 0 and 0 < result["stderr"] < 50
+    again = _json(capsys, ["evaluate", str(trained_vae / "checkpoint.pt"), "--num-samples", "20", "--json"])
+    assert again == result  # seeded: the same test binarization and importance samples
+
+
+def test_sample_writes_a_png(trained_vae, tmp_path):
+    target = tmp_path / "grid.png"
+    assert cli.main(["sample", str(trained_vae / "checkpoint.pt"), "-n", "9", "--out", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_to_the_requested_epochs(tmp_path, capsys):
+    argv = ["train", "vae", "--out", str(tmp_path), "--json", "--objective", "iwae", "--num-particles", "3"]
+    first = _json(capsys, [*argv, "--epochs", "1", *TINY])
+    second = _json(capsys, [*argv, "--epochs", "2", "--resume", *TINY])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert second["epochs"] == 2 and history["train_elbo"][0] == first["train_elbo"]
+    assert history["objective"] == "iwae"
+
+
+def test_autoencoders_report_reconstruction_error_and_cannot_sample(tmp_path, capsys):
+    _json(capsys, ["train", "dae", "--epochs", "1", "--out", str(tmp_path), "--json", *TINY])
+    result = _json(capsys, ["evaluate", str(tmp_path / "checkpoint.pt"), "--json"])
+    assert result["log_likelihood"] is None and "no marginal likelihood" in result["note"]
+    assert 0 < result["reconstruction_error"] < 1 and result["num_images"] == 60
+    assert cli.main(["sample", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no proper prior" in capsys.readouterr().err
+
+
+def test_bad_input_gives_exit_code_2_with_a_message(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "ae", "--objective", "iwae", "--out", str(tmp_path), *TINY]) == 2
+    assert "point-mass" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "vae", "--z-dim", "0"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_and_evaluate_on_the_gpu(tmp_path, capsys):
+    summary = _json(
+        capsys, ["train", "vae", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path), "--json"]
+    )
+    assert math.isfinite(summary["test_elbo"])
+    result = _json(capsys, ["evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cuda", "--json"])
+    assert math.isfinite(result["log_likelihood"])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["state_dict"]["decoder.0.weight"].device.type == "cpu"
