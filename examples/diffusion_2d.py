@@ -7,7 +7,8 @@ timestep per step, scaled by T), or with DDPM's reweighted L_simple, then
 
 - draws samples by ancestral sampling and scatters them over the data (``samples.png``),
 - shows the reverse chain x_T → x_0 (``chain.png``),
-- plots the training loss (``loss.png``) and the ELBO's terms L_{t−1} against t (``elbo_terms.png``),
+- plots the training loss, a running mean over 100 steps (``loss.png``), and the ELBO's terms L_{t−1}
+  against t (``elbo_terms.png``),
 - prints the test ELBO per point (every term in closed form) and an MMD between samples and fresh data.
 
 References: Ho, Jain & Abbeel (2020), Denoising Diffusion Probabilistic Models; Sohl-Dickstein et al. (2015).
@@ -24,22 +25,8 @@ from pvae import plots, plots_diffusion
 from pvae.data import BatchLoader, two_moons
 from pvae.inference import train
 from pvae.models.diffusion import DDPM, OBJECTIVES
+from pvae.two_sample import mmd2
 from pvae.utils import resolve_device, seed_everything
-
-
-def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
-    """Unbiased squared maximum mean discrepancy with a Gaussian kernel."""
-
-    def kernel(a, b):
-        return torch.exp(-torch.cdist(a, b).square() / (2 * bandwidth**2))
-
-    n, m = len(x), len(y)
-    kxx, kyy = kernel(x, x), kernel(y, y)
-    return float(
-        (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-        + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-        - 2 * kernel(x, y).mean()
-    )
 
 
 def main(args):
@@ -82,10 +69,10 @@ def main(args):
             chain.states, chain.times, os.path.join(args.out, "chain.png"), data=test
         ),
         plots.plot_loss_curve(
-            history.step_losses,
+            plots_diffusion.moving_average(history.step_losses, 100),
             os.path.join(args.out, "loss.png"),
             xlabel="step",
-            ylabel=f"{args.objective} loss per point",
+            ylabel=f"{args.objective} loss per point (mean of 100 steps)",
         ),
         plots_diffusion.plot_elbo_terms(terms, os.path.join(args.out, "elbo_terms.png")),
     ]

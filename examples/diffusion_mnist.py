@@ -71,10 +71,10 @@ def main(args):
         ),
         plots_diffusion.plot_chain_strip(chain.states, chain.times, os.path.join(args.out, "chain.png")),
         plots.plot_loss_curve(
-            history.step_losses,
+            plots_diffusion.moving_average(history.step_losses, 50),
             os.path.join(args.out, "loss.png"),
             xlabel="step",
-            ylabel=f"{args.objective} loss per image",
+            ylabel=f"{args.objective} loss per image (mean of 50 steps)",
         ),
     ]
     print("wrote " + ", ".join(paths))

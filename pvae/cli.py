@@ -1082,7 +1082,10 @@ def _demo_diffusion(ctx: DemoContext) -> str:
     )
     plots_diffusion.plot_elbo_terms(terms, os.path.join(ctx.out, "ddpm_elbo_terms.png"))
     plots.plot_loss_curve(
-        history.step_losses, os.path.join(ctx.out, "ddpm_loss.png"), xlabel="step", ylabel=f"{objective} loss"
+        plots_diffusion.moving_average(history.step_losses, 100),
+        os.path.join(ctx.out, "ddpm_loss.png"),
+        xlabel="step",
+        ylabel=f"{objective} loss per point (mean of 100 steps)",
     )
     lines += ["", "Samples (blue) over test data (grey):", ""]
     lines += [f"![{name}](ddpm_samples_{name}.png)" for name in objectives]

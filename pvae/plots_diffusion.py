@@ -16,7 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from pvae.plots import _check_path, _save_figure, _write_atomically
 
-__all__ = ["plot_chain_2d", "plot_chain_strip", "plot_elbo_terms", "plot_samples_2d"]
+__all__ = ["moving_average", "plot_chain_2d", "plot_chain_strip", "plot_elbo_terms", "plot_samples_2d"]
 
 
 def _points(name: str, values) -> np.ndarray:
@@ -145,6 +145,19 @@ def plot_elbo_terms(terms: dict, path, title: str | None = None):
         axes.set_title(title)
     figure.tight_layout()
     return _save_figure(figure, path)
+
+
+def moving_average(values, window: int = 100) -> list[float]:
+    """Running mean over the last ``window`` values (fewer at the start): a readable per-step loss curve when
+    each step sees a single timestep and the raw losses jump by orders of magnitude with t."""
+    values = torch.as_tensor(list(values), dtype=torch.float64)
+    if values.numel() == 0:
+        raise ValueError("values is empty")
+    window = max(1, int(window))
+    sums = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    ends = torch.arange(1, values.numel() + 1)
+    starts = (ends - window).clamp(min=0)
+    return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
 
 
 def sample_grid_side(count: int) -> int:
