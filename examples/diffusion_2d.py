@@ -19,8 +19,6 @@ import math
 import os
 import time
 
-import torch
-
 from pvae import plots, plots_diffusion
 from pvae.data import BatchLoader, two_moons
 from pvae.inference import train
