@@ -13,8 +13,9 @@ Three measurements, printed as tables:
 3. **Bits/dim.** Models trained with each objective for the same number of steps (same batch size, seed,
    learning rate, EMA), evaluated by the same exact ``DDPM.bits_per_dim`` (all T terms, closed-form KLs,
    EMA weights) on an evenly spread subset of the mnist5k test split; mean ± standard error over images.
-   pvae's objectives draw one timestep per step for the whole batch (the time plate); the extra row
-   ``hand-simple`` is the hand-written L_simple step, which draws a timestep per image.
+   pvae's objectives draw one timestep per step for the whole batch (the time plate), or one per image
+   with ``/per_datum`` (``DDPM(time_sampling="per_datum")``); ``hand-simple`` is the hand-written L_simple
+   step, which draws a timestep per image.
 
 Run (the figures in the README came from the defaults): ``python benchmarks/ddpm_vs_torch.py``
 Quicker: ``python benchmarks/ddpm_vs_torch.py --channels 16 32 --train-steps 100 --eval-images 8``
@@ -35,7 +36,7 @@ from pvae.models.diffusion import DDPM
 from pvae.utils import seed_everything
 
 
-def make_family(args, seed: int) -> DDPM:
+def make_family(args, seed: int, time_sampling: str = "plate") -> DDPM:
     seed_everything(seed)  # the same initial U-Net weights for every side
     return DDPM(
         data_shape=(1, 28, 28),
@@ -43,6 +44,7 @@ def make_family(args, seed: int) -> DDPM:
         schedule=args.schedule,
         channels=tuple(args.channels),
         ema_decay=args.ema_decay,
+        time_sampling=time_sampling,
     )
 
 
@@ -148,7 +150,8 @@ def bench_bits_per_dim(args, train_x, test_x) -> list[tuple]:
     subset = test_x[:: max(1, len(test_x) // args.eval_images)][: args.eval_images]
     for objective in args.objectives:
         pyro.clear_param_store()
-        family = make_family(args, args.seed)
+        name, _, time_sampling = objective.partition("/")  # e.g. "simple/per_datum"
+        family = make_family(args, args.seed, time_sampling or "plate")
         if objective == "hand-simple":  # per-image t, written out; the same EMA
             trainer = HandWrittenTrainer(family, args.lr)
 
@@ -157,7 +160,7 @@ def bench_bits_per_dim(args, train_x, test_x) -> list[tuple]:
                 family.after_step()
 
         else:
-            model, guide, loss = family.svi_program(objective)
+            model, guide, loss = family.svi_program(name)
             step = SVIStep(model, guide, loss, lr=args.lr, module=family, after_step=family.after_step)
         loader = BatchLoader(train_x, batch_size=args.batch_size, seed=args.seed, drop_last=True)
         seed_everything(args.seed)
@@ -253,8 +256,12 @@ if __name__ == "__main__":
     parser.add_argument(
         "--objectives",
         nargs="+",
-        default=["elbo", "meanfield", "simple", "hand-simple"],
-        choices=["elbo", "meanfield", "simple", "hand-simple"],
+        default=["elbo", "meanfield", "simple", "meanfield/per_datum", "simple/per_datum", "hand-simple"],
+        choices=[
+            f"{name}{suffix}" for name in ("elbo", "meanfield", "simple") for suffix in ("", "/per_datum")
+        ]
+        + ["hand-simple"],
+        help="pvae objectives (one timestep per batch, or '/per_datum'), and the hand-written L_simple step",
     )
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--eval-images", type=int, default=32)
