@@ -644,9 +644,9 @@ def _demo_autoencoders(ctx: DemoContext) -> str:
 
     device = resolve_device(ctx.device)
     seed_everything(ctx.seed)
-    num_train, num_test, k, k_images = (1000, 200, 100, 100) if ctx.quick else (4000, 1000, 1000, 300)
+    num_train, num_test, k, k_images = (512, 100, 50, 50) if ctx.quick else (4000, 1000, 1000, 300)
     epochs = (
-        {"ae": 1, "dae": 1, "vae": 3, "vae2": 2} if ctx.quick else {"ae": 5, "dae": 5, "vae": 20, "vae2": 10}
+        {"ae": 1, "dae": 1, "vae": 2, "vae2": 1} if ctx.quick else {"ae": 5, "dae": 5, "vae": 20, "vae2": 10}
     )
     train_x, _ = _image_split("mnist5k", "train", None, num_train, ctx.seed)
     test_x, test_labels = _image_split("mnist5k", "test", None, num_test, ctx.seed)
