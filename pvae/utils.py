@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import sys
@@ -20,6 +21,7 @@ __all__ = [
     "progress_enabled",
     "resolve_device",
     "seed_everything",
+    "torch_threads",
     "unique_name",
 ]
 
@@ -96,3 +98,20 @@ def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
     return tqdm(
         iterable, disable=not progress_enabled(progress), file=sys.stderr, dynamic_ncols=True, **kwargs
     )
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int):
+    """Run a block with ``num_threads`` intra-op threads, restoring the previous setting afterwards.
+
+    Tiny problems (the toy, the mixture) spend their time in many small kernels, where intra-op threads
+    only add synchronisation: on 2 cores the toy's SVI ran about 3× faster with one thread.
+    """
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
