@@ -6,8 +6,8 @@ Three measurements, printed as tables:
    U-Net: pvae's generic step (``pvae.inference.step.SVIStep``, the one ``pvae.inference.train`` runs) on
    the time-subsampled pair from ``DDPM.svi_program`` — ``"elbo"`` (Trace_ELBO) and ``"simple"``
    (L_simple through TraceMeanField_ELBO) — against a hand-written L_simple step (t and ε drawn, MSE,
-   backward, Adam). Blocks of steps are interleaved (A B C A B C …); the ratio is median time per step
-   pvae / hand-written.
+   backward, Adam; pvae's side also updates the EMA of the weights). Blocks of steps are interleaved, the
+   order rotated each round (A B C, B C A, …); the ratio is median time per step pvae / hand-written.
 2. **Sampling.** ``DDPM.sample`` (ancestral, T steps, n images) against a hand-written loop
    x ← (x − β_t/√(1−ᾱ_t)·ε_θ(x, t))/√α_t + σ_t z with the same network; interleaved repetitions, medians.
 3. **Bits/dim.** Models trained with each objective for the same number of steps (same batch size, seed,
@@ -113,8 +113,11 @@ def bench_steps(args, train_x) -> list[tuple[str, float, float]]:
         "hand-written L_simple": lambda: hand.step(batch),
     }
     times = {name: [] for name in sides}
-    for _ in range(args.repeats):
-        for name, run in sides.items():
+    names = list(sides)
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)  # rotate the order so no side always runs first
+        for name in names[shift:] + names[:shift]:
+            run = sides[name]
             times[name].append(timed(lambda run=run: [run() for _ in range(args.block)]) / args.block)
     base = statistics.median(times["hand-written L_simple"])
     return [
