@@ -40,7 +40,7 @@ def test_two_moons_train_evaluate_sample(tmp_path, capsys):
     assert result["bits_per_dim"] == pytest.approx(-result["elbo"] / (2 * math.log(2)))
     # the same number in-process: the run's own test points, all T terms, seed 0, batches of 64
     family = load(str(out / "checkpoint.pt"))
-    test_x = cli._diffusion_data("two-moons", "test", None, 128, 0)
+    test_x = cli.diffusion.diffusion_data("two-moons", "test", None, 128, 0)
     seed_everything(0)
     elbo = torch.cat([family.elbo(batch) for batch in test_x.split(64)]).double()
     assert elbo.mean().item() == pytest.approx(result["elbo"], rel=1e-6)

@@ -1,0 +1,43 @@
+"""``pvae demo``: run every section in ``DEMO_SECTIONS`` and write ``DIR/report.md``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from pvae.cli.common import DemoContext, add_common
+
+#: Sections of ``pvae demo``, in report order. Each takes a DemoContext and returns Markdown.
+DEMO_SECTIONS: list[Callable[[DemoContext], str]] = []  # filled below, next to each family's commands
+
+
+def register_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run the main job and write DIR/report.md with tables and figures"
+    )
+    parser.add_argument("--out", default="report", help="output folder (default: report)")
+    parser.add_argument("--quick", action="store_true", help="short version (about a minute)")
+    add_common(parser, json_output=False)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    context = DemoContext(out=args.out, quick=args.quick, device=args.device, seed=args.seed)
+    parts = ["# pvae demo report", ""]
+    timings = []
+    for section in DEMO_SECTIONS:
+        start = time.perf_counter()
+        print(f"[demo] {section.__name__.removeprefix('demo_')} …", file=sys.stderr, flush=True)
+        parts.append(section(context))
+        timings.append((section.__name__.removeprefix("demo_"), time.perf_counter() - start))
+    parts += ["## Timings", "", "| section | seconds |", "| --- | ---: |"]
+    parts += [f"| {name} | {seconds:.1f} |" for name, seconds in timings]
+    path = os.path.join(args.out, "report.md")
+    with open(path + ".tmp", "w") as handle:
+        handle.write("\n".join(parts) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
