@@ -22,7 +22,8 @@ param-store re-tracing cost more than the network itself on small batches. Three
     the matrix products, and a step is one call. Compiling takes tens of seconds once per run (Inductor
     caches it on disk), and Inductor draws its own random numbers (seeded from torch's generator), so it
     matches the eager step in distribution, not bit for bit. (Adam with ``amsgrad``, ``maximize`` or
-    ``weight_decay`` keeps the separate optimizer step.)
+    ``weight_decay`` keeps the separate optimizer step.) The learning rate is an input of that graph, not a
+    constant in it, so :meth:`SVIStep.set_lr` (a schedule) works with every engine.
 
 What tracing assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
@@ -82,6 +83,17 @@ def _signature(args, kwargs) -> tuple:
         return ("value", value)
 
     return describe(args), describe(kwargs)
+
+
+def _check_lr(lr) -> float:
+    if not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < float("inf")):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
+def _lr_dtype(param: torch.Tensor) -> torch.dtype:
+    """float64 for the learning-rate input (as exact as the Python float eager Adam uses), except on MPS."""
+    return torch.float32 if param.device.type == "mps" else torch.float64
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -157,7 +169,7 @@ class SVIStep:
     :param model: Pyro model.
     :param guide: Pyro guide.
     :param elbo: a Pyro ELBO instance (see :func:`pvae.inference.objectives.make_elbo`).
-    :param lr: Adam learning rate, > 0.
+    :param lr: Adam learning rate, > 0 (change it between steps with :meth:`set_lr`).
     :param engine: ``"eager"``, ``"trace"`` or ``"compile"`` (see the module docstring).
     :param module: the ``nn.Module`` holding the pair's networks (a family): its parameters must be the
         tensors Pyro's param store holds under their names; checked on the first step.
@@ -184,8 +196,7 @@ class SVIStep:
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < float("inf")):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        lr = _check_lr(lr)
         self.model, self.guide, self.elbo = model, guide, elbo
         self.lr, self.engine, self.module, self.after_step = float(lr), engine, module, after_step
         self.adam_kwargs = dict(adam_kwargs or {})
@@ -198,7 +209,9 @@ class SVIStep:
         self._traced = None
         self._fused_update = False
         self._graph_signature = None
+        self._lr_input: torch.Tensor | None = None  # the learning rate as an input of the compiled update
         self._guard_failures = 0
+        self.num_steps = 0  # optimizer steps applied so far (saved by state_dict, for schedules)
         self.disabled_reason: str | None = None
         self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
 
@@ -231,17 +244,34 @@ class SVIStep:
             self._load_optimizer_state(self._pending_optimizer_state)
             self._pending_optimizer_state = None
 
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` (> 0) from the next step on, whichever the engine (a schedule's hook).
+
+        The compiled engine's recorded Adam update reads the learning rate as an input tensor, not as a
+        constant of the graph, so changing it needs no recompilation.
+        """
+        self.lr = _check_lr(lr)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+
     def state_dict(self) -> dict:
-        """Optimizer state (a copy) keyed by parameter order, with the param-store names of that order."""
+        """Optimizer state (a copy) keyed by parameter order, with the param-store names of that order, and
+        the number of steps applied (``"num_steps"``)."""
         if self.optimizer is None:
-            return copy.deepcopy(self._pending_optimizer_state or {})
+            state = copy.deepcopy(self._pending_optimizer_state or {})
+            if state:
+                state["num_steps"] = self.num_steps
+            return state
         return {
             "param_names": list(self.param_names),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "num_steps": self.num_steps,
         }
 
     def load_state_dict(self, state: dict, rename: Callable[[str], str] | None = None) -> None:
-        """Restore optimizer state (applied on the first step, once the parameters are known).
+        """Restore optimizer state (applied on the first step, once the parameters are known) and the step
+        count (at once). The learning rate stays this step's own (``lr`` or the last :meth:`set_lr`).
 
         :param state: from :meth:`state_dict`.
         :param rename: maps saved param-store names to current ones (a family rebuilt under a new name).
@@ -249,6 +279,9 @@ class SVIStep:
         if not state:
             return
         state = dict(state)
+        self.num_steps = int(state.pop("num_steps", 0))
+        if "param_names" not in state:
+            return
         if rename is not None:
             state["param_names"] = [rename(name) for name in state["param_names"]]
         if self.optimizer is None:
@@ -263,6 +296,7 @@ class SVIStep:
                 f"{state['param_names'][:3]}…, this pair has {self.param_names[:3]}…"
             )
         self.optimizer.load_state_dict(state["optimizer"])
+        self.set_lr(self.lr)  # the rate is this step's own (lr, or the last set_lr), not the saved one
 
     # ---- one step ----------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -302,6 +336,7 @@ class SVIStep:
         self._check_finite(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.num_steps += 1
         if self.after_step is not None:
             self.after_step()
         self.counts["eager"] += 1
@@ -309,7 +344,8 @@ class SVIStep:
 
     def _call_graph(self, data: list[torch.Tensor]):
         if self._fused_update:
-            return self._graph(self.params, self._adam_state(), data)
+            self._lr_input.fill_(self.optimizer.param_groups[0]["lr"])
+            return self._graph(self.params, self._adam_state(), self._lr_input, data)
         return self._graph(self.params, data)
 
     def _run_graph(self, data: list[torch.Tensor]):
@@ -353,6 +389,7 @@ class SVIStep:
                 param.grad = grad
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.num_steps += 1
         if self.after_step is not None:
             self.after_step()
         self.counts["graph"] += 1
@@ -373,13 +410,14 @@ class SVIStep:
         state = self.optimizer.state
         return [[state[p][key] for p in self.params] for key in ("exp_avg", "exp_avg_sq", "step")]
 
-    def _adam_update(self, params, grads, state, ok) -> None:
+    def _adam_update(self, params, grads, state, lr, ok) -> None:
         """Adam (Kingma & Ba 2015, Algorithm 1, as ``torch.optim.Adam`` computes it), applied if ``ok``.
 
-        m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε).
+        m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε); ``lr`` is a
+        0-dim tensor (a graph input, so a learning-rate schedule keeps the recorded graph valid).
         """
         group = self.optimizer.param_groups[0]
-        (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        (beta1, beta2), eps = group["betas"], group["eps"]
         with torch.no_grad():
             for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, *state):
                 new_step = step + 1
@@ -417,9 +455,11 @@ class SVIStep:
         def step(params: list[torch.Tensor], data: list[torch.Tensor]):
             return loss_and_grads(params)
 
-        def step_and_update(params: list[torch.Tensor], state: list, data: list[torch.Tensor]):
+        def step_and_update(
+            params: list[torch.Tensor], state: list, lr: torch.Tensor, data: list[torch.Tensor]
+        ):
             loss, grads, ok = loss_and_grads(params)
-            self._adam_update(params, grads, state, ok)
+            self._adam_update(params, grads, state, lr, ok)
             return loss, ok
 
         devices = [p.device for p in params if p.device.type == "cuda"][:1]
@@ -431,7 +471,12 @@ class SVIStep:
                 if self._fused_update:
                     state = self._adam_state()
                     saved = [t.detach().clone() for t in (*params, *state[0], *state[1], *state[2])]
-                    graph = make_fx(step_and_update)(params, state, _leaves(treedef_args))
+                    self._lr_input = torch.tensor(
+                        self.optimizer.param_groups[0]["lr"],
+                        dtype=_lr_dtype(params[0]),
+                        device=params[0].device,
+                    )
+                    graph = make_fx(step_and_update)(params, state, self._lr_input, _leaves(treedef_args))
                 else:
                     graph = make_fx(step)(params, _leaves(treedef_args))
         except Exception as error:

@@ -10,11 +10,19 @@ Reported numbers are in **nats per datum**: the train ELBO of an epoch is −(Σ
 over its steps (parameters move during the epoch, as usual), the test ELBO the same objective evaluated on
 the test loader without gradients after the epoch.
 
+Learning rate: constant by default; with ``lr_end`` it decays geometrically per optimizer step, step k of
+S = epochs × len(train_loader) (k = 0 … S − 1, counted over the whole run) using
+
+    lr_k = lr · (lr_end / lr)^{k / (S − 1)},
+
+so the first step uses ``lr`` and the last ``lr_end`` (exponential decay by a constant factor per step).
+
 Resuming: a checkpoint is written atomically after every epoch (after the test evaluation), holding the
-family, the optimizer, Python/NumPy/torch/CUDA generator states and the training loader's generator. A run
-resumed from it replays the remaining epochs exactly as the uninterrupted run would have (bit for bit on
-CPU with the eager or trace engine), wherever the interruption happened within the next epoch. (The test
-loader's own state is not saved: give it ``shuffle=False`` for test ELBOs that match too.)
+family, the optimizer with its step count (hence the schedule's position), Python/NumPy/torch/CUDA
+generator states and the training loader's generator. A run resumed from it replays the remaining epochs
+exactly as the uninterrupted run would have (bit for bit on CPU with the eager or trace engine, with or
+without ``lr_end``), wherever the interruption happened within the next epoch. (The test loader's own
+state is not saved: give it ``shuffle=False`` for test ELBOs that match too.)
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pvae.inference.objectives import make_elbo
 from pvae.inference.step import ENGINES, SVIStep
 from pvae.utils import progress_bar, resolve_device, seed_everything
 
-__all__ = ["History", "batch_data", "train"]
+__all__ = ["History", "batch_data", "scheduled_lr", "train"]
 
 
 @dataclass
@@ -90,6 +98,29 @@ def _check_epochs(epochs) -> int:
     return epochs
 
 
+def _check_lr_end(lr_end) -> float | None:
+    if lr_end is None:
+        return None
+    if isinstance(lr_end, bool) or not (isinstance(lr_end, int | float) and 0 < lr_end < float("inf")):
+        raise ValueError(f"lr_end must be a finite number > 0 (or None for a constant lr), got {lr_end!r}")
+    return float(lr_end)
+
+
+def scheduled_lr(lr: float, lr_end: float | None, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: lr·(lr_end/lr)^{k/(S−1)}.
+
+    :param lr: the first step's rate.
+    :param lr_end: the last step's rate (``None``: constant ``lr``).
+    :param step: k, 0 ≤ k (steps past the end keep ``lr_end``).
+    :param total_steps: S ≥ 1.
+    :returns: the rate, a float.
+    """
+    if lr_end is None or total_steps <= 1:
+        return float(lr)
+    fraction = min(step, total_steps - 1) / (total_steps - 1)
+    return float(lr) * (float(lr_end) / float(lr)) ** fraction
+
+
 def _loader_generator(loader) -> torch.Generator | None:
     generator = getattr(loader, "generator", None)
     return generator if isinstance(generator, torch.Generator) else None
@@ -132,6 +163,7 @@ def train(
     epochs: int,
     objective: str | ELBO = "elbo",
     lr: float = 1e-3,
+    lr_end: float | None = None,
     device: str | torch.device | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
@@ -156,7 +188,10 @@ def train(
     :param epochs: total number of epochs (a resumed run continues up to this number).
     :param objective: ``"elbo"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic KL),
         ``"iwae"`` (IWAE-k with k = ``num_particles``), or a Pyro ELBO instance.
-    :param lr: Adam learning rate.
+    :param lr: Adam learning rate (of the first step, with ``lr_end``).
+    :param lr_end: if given (> 0), the rate decays geometrically per step from ``lr`` to ``lr_end`` at the
+        run's last step (the module docstring has the formula); needs a loader with ``len()``. A resumed run
+        continues the schedule from the saved step count.
     :param device: move the family there first (``"cpu"``, ``"cuda"``); default: where it already is.
     :param checkpoint: file to write after every epoch (atomically); needed for ``resume``.
     :param resume: continue from ``checkpoint`` if it exists (else start afresh).
@@ -183,6 +218,10 @@ def train(
         raise ValueError(f"jit=True (Pyro's JitTrace_ELBO) runs with engine='eager', not engine={engine!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    lr_end = _check_lr_end(lr_end)
+    if lr_end is not None and not hasattr(train_loader, "__len__"):
+        raise ValueError("lr_end needs a train_loader with len() (the schedule spans epochs × len(loader))")
+    steps_per_epoch = len(train_loader) if lr_end is not None else None
     if device is not None:
         family.to(resolve_device(device))
     device = family.device
@@ -217,10 +256,15 @@ def train(
         if saved.get("history"):
             history = History.from_dict(saved["history"])
         start_epoch = int(saved["epoch"])
+        if not (saved.get("optimizer") or {}).get("num_steps") and steps_per_epoch is not None:
+            step.num_steps = start_epoch * steps_per_epoch  # a checkpoint from before step counting
+    total_steps = epochs * steps_per_epoch if steps_per_epoch is not None else None
 
     train_config = {
         "objective": history.objective,
         "lr": float(lr),
+        "lr_end": lr_end,
+        "total_steps": total_steps,
         "epochs": epochs,
         "num_particles": int(num_particles),
         "jit": bool(jit),
@@ -241,6 +285,8 @@ def train(
                 x = batch_data(batch)
                 if x.device != device:
                     x = x.to(device, non_blocking=True)
+                if total_steps is not None:
+                    step.set_lr(scheduled_lr(lr, lr_end, step.num_steps, total_steps))
                 try:
                     losses.append(step(x))
                 except FloatingPointError as error:
@@ -252,7 +298,7 @@ def train(
                     raise FloatingPointError(
                         f"the loss became {getattr(error, 'loss', 'non-finite')} at epoch {epoch + 1}, step "
                         f"{len(losses) + 1} of this epoch; the parameters were not updated and {kept}. Try a "
-                        f"smaller lr (now {lr})."
+                        f"smaller lr (now {step.lr:.3g})."
                     ) from error
                 sizes.append(x.shape[0])
                 now = time.perf_counter()

@@ -168,6 +168,7 @@ def _train_ddpm(args) -> int:
         epochs=args.epochs,
         objective=args.objective,
         lr=args.lr,
+        lr_end=args.lr_end,
         checkpoint=checkpoint,
         resume=args.resume,
         seed=args.seed,

@@ -37,6 +37,13 @@ def register_train(subparsers) -> None:
     parser.add_argument("--epochs", type=positive_int, default=10, help="default 10")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="default 128")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument(
+        "--lr-end",
+        type=float,
+        default=None,
+        help="decay the learning rate geometrically per step from --lr to this at the last step (default: "
+        "constant)",
+    )
     parser.add_argument("--z-dim", type=positive_int, default=20, help="latent/code dimension (default 20)")
     parser.add_argument(
         "--hidden-dim", type=positive_int, default=None, help="hidden width (default 400; ddpm MLP: 128)"
@@ -170,6 +177,8 @@ def _run_train(args) -> int:
 
     if not (args.lr > 0 and args.lr < float("inf")):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.lr_end is not None and not (args.lr_end > 0 and args.lr_end < float("inf")):
+        raise ValueError(f"--lr-end must be a finite number > 0, got {args.lr_end}")
     if args.family == "ddpm":
         return diffusion.run_train(args)
     if args.dataset in diffusion.DIFFUSION_ONLY_DATASETS or args.objective == "simple":
@@ -199,6 +208,7 @@ def _run_train(args) -> int:
         epochs=args.epochs,
         objective=args.objective,
         lr=args.lr,
+        lr_end=args.lr_end,
         checkpoint=checkpoint,
         resume=args.resume,
         seed=args.seed,

@@ -22,12 +22,19 @@ def _batches(count, batch=16, dim=20, seed=0, binary=True):
     return torch.bernoulli(grey, generator=generator) if binary else grey
 
 
-def _run(make_family, make_elbo, engine, batches, seed=0):
+def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None):
     pyro.set_rng_seed(seed)
     family = make_family()
     step = SVIStep(family.model, family.guide, make_elbo(), lr=1e-2, engine=engine, module=family)
-    losses = torch.stack([step(x) for x in batches])
-    return family, step, losses
+    losses = []
+    for index, x in enumerate(batches):
+        if lrs is not None:
+            step.set_lr(lrs[index])
+        losses.append(step(x))
+    return family, step, torch.stack(losses)
+
+
+DECAY = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]  # a learning-rate schedule, one rate per step
 
 
 FAMILIES = {
@@ -142,17 +149,37 @@ def test_data_dependent_branches_fall_back_to_eager_steps():
     assert step.counts["graph"] == 1 and step.counts["eager"] == 5
 
 
+def test_a_learning_rate_schedule_replays_bit_for_bit_in_the_traced_step():
+    batches = _batches(6)
+    eager_family, eager, _ = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches, lrs=DECAY)
+    traced_family, traced, _ = _run(FAMILIES["vae"], Trace_ELBO, "trace", batches, lrs=DECAY)
+    assert traced.counts["graph"] == 5 and traced.num_steps == eager.num_steps == 6
+    for a, b in zip(eager_family.parameters(), traced_family.parameters()):
+        assert torch.equal(a, b)
+    constant_family, _, _ = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches)
+    assert not all(torch.equal(a, b) for a, b in zip(eager_family.parameters(), constant_family.parameters()))
+
+
 def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers():
+    """With a learning rate changing every step: the compiled Adam update reads it as an input."""
     import torch._inductor.config as inductor_config
 
     batches = _batches(4)
-    eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches)
+    eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches, lrs=DECAY)
     with inductor_config.patch(fallback_random=True):  # draw random numbers as eager torch does
-        compiled_family, compiled, compiled_losses = _run(FAMILIES["vae"], Trace_ELBO, "compile", batches)
-    assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
+        compiled_family, compiled, compiled_losses = _run(
+            FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY
+        )
+    assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None and compiled._fused_update
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-3)
     for a, b in zip(eager_family.parameters(), compiled_family.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the schedule matters at this tolerance: a rate frozen at its first value would fail the check above
+    constant_family, _, _ = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches, lrs=DECAY[:1] * 4)
+    differences = [
+        (a - b).abs().max().item() for a, b in zip(eager_family.parameters(), constant_family.parameters())
+    ]
+    assert max(differences) > 1e-3
 
 
 def test_parameters_shared_with_another_family_are_refused():

@@ -16,7 +16,8 @@ from torch import nn
 from pvae.checkpoint import load_checkpoint
 from pvae.data import BatchLoader
 from pvae.family import Family
-from pvae.inference import History, train
+from pvae.inference import History, SVIStep, train
+from pvae.inference.train import scheduled_lr
 from pvae.models.vae import VAE
 
 
@@ -98,12 +99,25 @@ class Interrupting:
             yield batch
 
 
-@pytest.mark.parametrize("engine", ["eager", "trace"])
-def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(tmp_path, engine):
+RESUME_CASES = [("eager", None), ("trace", None), ("eager", 1e-4), ("trace", 1e-4)]
+
+
+@pytest.mark.parametrize(
+    "engine, lr_end", RESUME_CASES, ids=[f"{e}-{'decay' if d else 'constant'}" for e, d in RESUME_CASES]
+)
+def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(tmp_path, engine, lr_end):
     torch.manual_seed(123)
     full = Tiny(name="uninterrupted")
     history = train(
-        full, _loader(), _test_loader(), epochs=3, seed=1, checkpoint=tmp_path / "a.pt", engine=engine
+        full,
+        _loader(),
+        _test_loader(),
+        epochs=3,
+        seed=1,
+        checkpoint=tmp_path / "a.pt",
+        engine=engine,
+        lr=1e-2,
+        lr_end=lr_end,
     )
 
     path = tmp_path / "b.pt"
@@ -118,8 +132,13 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
             seed=1,
             checkpoint=path,
             engine=engine,
+            lr=1e-2,
+            lr_end=lr_end,
         )
-    assert load_checkpoint(path)["epoch"] == 2
+    saved = load_checkpoint(path)
+    assert saved["epoch"] == 2 and saved["optimizer"]["num_steps"] == 10  # 5 batches per epoch
+    expected_lr = 1e-2 if lr_end is None else scheduled_lr(1e-2, lr_end, 9, 15)  # that of the 10th step
+    assert saved["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected_lr, rel=1e-12)
     resumed = Tiny(name="second_try")  # a fresh process would rebuild it: new object, new name, new init
     again = train(
         resumed,
@@ -130,6 +149,8 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
         checkpoint=path,
         resume=True,
         engine=engine,
+        lr=1e-2,
+        lr_end=lr_end,
     )
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
@@ -137,7 +158,38 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
     assert torch.equal(store["uninterrupted_sigma"], store["second_try_sigma"])
     assert again.train_elbo == history.train_elbo and again.test_elbo == history.test_elbo
     assert again.step_losses == history.step_losses
-    assert load_checkpoint(path)["epoch"] == 3
+    final = load_checkpoint(path)
+    assert final["epoch"] == 3 and final["optimizer"]["num_steps"] == 15
+    assert final["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        lr_end or 1e-2, rel=1e-12
+    )
+    assert final["train_config"]["lr_end"] == lr_end
+
+
+def test_the_learning_rate_decays_geometrically_from_lr_to_lr_end(monkeypatch):
+    rates = [scheduled_lr(1e-2, 1e-4, step, 5) for step in range(5)]
+    assert rates[0] == 1e-2 and rates[-1] == pytest.approx(1e-4, rel=1e-12)
+    ratios = [b / a for a, b in zip(rates, rates[1:])]
+    assert ratios == pytest.approx([0.1**0.5] * 4, rel=1e-12)  # a constant factor per step
+    assert scheduled_lr(1e-2, 1e-4, 9, 5) == pytest.approx(1e-4)  # past the end: lr_end
+    assert scheduled_lr(1e-2, None, 3, 5) == 1e-2 and scheduled_lr(1e-2, 1e-4, 0, 1) == 1e-2
+
+    seen = []
+
+    class Recording(Tiny):
+        def after_step(self):  # the rate the optimizer has just used
+            seen.append(self.step.optimizer.param_groups[0]["lr"])
+
+    family = Recording()
+    original = SVIStep.__init__
+
+    def remember(self, *args, **kwargs):  # let the family see the step that train() builds
+        original(self, *args, **kwargs)
+        family.step = self
+
+    monkeypatch.setattr(SVIStep, "__init__", remember)
+    train(family, _loader(), epochs=2, lr=1e-2, lr_end=1e-3, seed=0, progress=False)
+    assert seen == pytest.approx([scheduled_lr(1e-2, 1e-3, k, 10) for k in range(10)], rel=1e-12)
 
 
 def test_history_is_in_nats_per_datum_and_json_serializable(tmp_path):
@@ -237,6 +289,10 @@ def test_bad_arguments_raise(tmp_path):
         train(family, _loader(), epochs=1, objective="kl")
     with pytest.raises(ValueError, match="tensors"):
         train(family, [["not", "tensors"]], epochs=1)
+    with pytest.raises(ValueError, match="lr_end"):
+        train(family, _loader(), epochs=1, lr_end=0.0)
+    with pytest.raises(ValueError, match="lr_end"):
+        train(family, iter([_data(8)]), epochs=1, lr_end=1e-4)  # no len(): the schedule has no length
     other = VAE(x_dim=6, z_dim=2, hidden_dim=8)
     train(other, [torch.ones(4, 6)], epochs=1, checkpoint=tmp_path / "vae.pt")
     with pytest.raises(ValueError, match=r"holds a pvae\.models\.vae:VAE"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pvae import cli
-from pvae.checkpoint import load
+from pvae.checkpoint import load, load_checkpoint
 from pvae.utils import seed_everything
 
 
@@ -27,9 +27,12 @@ def test_two_moons_train_evaluate_sample(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "ddpm", "--dataset", "two-moons", "--timesteps", "10", "--epochs", "2", "--num-train"]
     args += ["512", "--num-test", "128", "--batch-size", "128", "--objective", "meanfield", "--json"]
-    assert cli.main([*args, "--out", str(out)]) == 0
+    assert cli.main([*args, "--lr", "1e-3", "--lr-end", "1e-4", "--out", str(out)]) == 0
     summary = _json(capsys)
     assert summary["family"] == "ddpm" and summary["epochs"] == 2 and summary["objective"] == "meanfield"
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["train_config"]["lr_end"] == 1e-4 and saved["train_config"]["total_steps"] == 8
+    assert saved["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the last step's
     assert all(
         (out / name).exists() for name in ("checkpoint.pt", "samples.png", "chain.png", "training.png")
     )
@@ -71,8 +74,9 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
         (["train", "ddpm", "--dataset", "two-moons", "--engine", "trace"], "eager"),
         (["train", "vae", "--dataset", "two-moons"], "ddpm only"),
         (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "ema_decay"),
+        (["train", "ddpm", "--dataset", "two-moons", "--lr-end", "0"], "--lr-end"),
     ],
-    ids=["iwae", "engine", "vae-moons", "ema"],
+    ids=["iwae", "engine", "vae-moons", "ema", "lr-end"],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path)]) == 2
