@@ -16,13 +16,13 @@ import sys
 
 from pvae.cli.common import DemoContext
 from pvae.cli.demo import DEMO_SECTIONS, register_demo
-from pvae.cli.diffusion import demo_diffusion
+from pvae.cli.diffusion import demo_diffusion, demo_diffusion_digits
 from pvae.cli.toy import demo_mixture, demo_toy, register_toy
 from pvae.cli.train import demo_autoencoders, register_evaluate, register_sample, register_train
 
 __all__ = ["DEMO_SECTIONS", "DemoContext", "build_parser", "main"]
 
-DEMO_SECTIONS += [demo_toy, demo_mixture, demo_autoencoders, demo_diffusion]
+DEMO_SECTIONS += [demo_toy, demo_mixture, demo_autoencoders, demo_diffusion, demo_diffusion_digits]
 _REGISTRARS = [register_demo, register_toy, register_train, register_evaluate, register_sample]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from pvae.cli.common import DemoContext, add_common
 
-#: Sections of ``pvae demo``, in report order. Each takes a DemoContext and returns Markdown.
+#: Sections of ``pvae demo``, in report order. Each takes a DemoContext and returns Markdown (or "").
 DEMO_SECTIONS: list[Callable[[DemoContext], str]] = []  # filled below, next to each family's commands
 
 
@@ -31,8 +31,10 @@ def _run_demo(args) -> int:
     for section in DEMO_SECTIONS:
         start = time.perf_counter()
         print(f"[demo] {section.__name__.removeprefix('demo_')} …", file=sys.stderr, flush=True)
-        parts.append(section(context))
-        timings.append((section.__name__.removeprefix("demo_"), time.perf_counter() - start))
+        text = section(context)
+        if text:  # a section may have nothing to add (e.g. a long one under --quick)
+            parts.append(text)
+            timings.append((section.__name__.removeprefix("demo_"), time.perf_counter() - start))
     parts += ["## Timings", "", "| section | seconds |", "| --- | ---: |"]
     parts += [f"| {name} | {seconds:.1f} |" for name, seconds in timings]
     path = os.path.join(args.out, "report.md")

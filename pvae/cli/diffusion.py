@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-from pvae.cli.common import DemoContext, positive_int, print_json
+from pvae.cli.common import DemoContext, positive_int, print_json, run_summary, start_run, train_and_record
 
 # ---- diffusion (DDPM): train, evaluate, sample, demo -----------------------------------------------------
 DIFFUSION_ONLY_DATASETS = ("two-moons",)
@@ -129,12 +128,9 @@ def run_train(args) -> int:
 
 
 def _train_ddpm(args) -> int:
-    import torch
 
     from pvae.data import BatchLoader
-    from pvae.inference import train
     from pvae.models.diffusion import DDPM
-    from pvae.utils import resolve_device, seed_everything
 
     if args.objective == "iwae":
         raise ValueError("--objective iwae is not offered for ddpm: use elbo, meanfield or simple")
@@ -143,10 +139,7 @@ def _train_ddpm(args) -> int:
             "ddpm draws a timestep per step, which changes the program's structure: use --engine eager "
             "without --jit"
         )
-    device = resolve_device(args.device)
-    out = args.out or os.path.join("runs", "ddpm")
-    os.makedirs(out, exist_ok=True)
-    seed_everything(args.seed)
+    device, out = start_run(args, os.path.join("runs", "ddpm"))
     train_x = diffusion_data(args.dataset, "train", args.data_root, args.num_train, args.seed)
     test_x = diffusion_data(args.dataset, "test", args.data_root, args.num_test, args.seed)
     family = DDPM(
@@ -161,44 +154,25 @@ def _train_ddpm(args) -> int:
     ).to(device)
     train_loader = BatchLoader(train_x.to(device), batch_size=args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test_x.to(device), batch_size=250, shuffle=False)
-    checkpoint = os.path.join(out, "checkpoint.pt")
-    history = train(
+    history, checkpoint = train_and_record(
         family,
+        args,
         train_loader,
         test_loader,
-        epochs=args.epochs,
-        objective=args.objective,
-        lr=args.lr,
-        lr_end=args.lr_end,
-        checkpoint=checkpoint,
-        resume=args.resume,
-        seed=args.seed,
-        progress=not args.json,
-        metadata={
-            "dataset": args.dataset,
-            "data_root": args.data_root,
-            "num_train": int(train_x.shape[0]),
-            "num_test": int(test_x.shape[0]),
-            "batch_size": args.batch_size,
-            "family_kind": "ddpm",
-        },
+        out,
+        {"num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0]), "family_kind": "ddpm"},
     )
-    with open(os.path.join(out, "history.json"), "w") as handle:
-        json.dump(history.to_dict(), handle)
-    family.eval()
     pictures = _ddpm_pictures(family, test_x.to(device), history, out, args.picture_samples, args.seed)
-    summary = {
-        "family": "ddpm",
-        "dataset": args.dataset,
-        "timesteps": args.timesteps,
-        "epochs": history.epochs,
-        "objective": history.objective,
-        "train_objective_per_datum": history.train_elbo[-1],
-        "test_objective_per_datum": history.test_elbo[-1] if history.test_elbo else None,
-        "median_epoch_seconds": float(torch.tensor(history.epoch_seconds).median()),
-        "checkpoint": checkpoint,
-        "pictures": pictures,
-    }
+    summary = run_summary(
+        history,
+        checkpoint,
+        pictures,
+        family="ddpm",
+        dataset=args.dataset,
+        timesteps=args.timesteps,
+        train_objective_per_datum=history.train_elbo[-1],
+        test_objective_per_datum=history.test_elbo[-1] if history.test_elbo else None,
+    )
     if args.json:
         print_json(summary)
         return 0
@@ -302,22 +276,23 @@ def sample(args, family) -> int:
 
 
 def demo_diffusion(ctx: DemoContext) -> str:
-    """DDPM on two moons with its three objectives (test ELBO, an MMD to the data, samples, chain, terms);
-    in the full demo also a small run on mnist5k digits (samples, chain, bits/dim)."""
+    """DDPM on two moons with its three objectives: test ELBO, an MMD to the data, samples, chain, terms."""
     from pvae.utils import torch_threads
 
     with torch_threads(1):  # 2-D points through a small MLP: intra-op threads only add overhead
-        report = _diffusion_demo_report(ctx)
-    if ctx.quick:
-        return report
-    return report + "\n" + _diffusion_digits_report(ctx)
+        return moons_section(ctx)
+
+
+def demo_diffusion_digits(ctx: DemoContext) -> str:
+    """A small DDPM run on mnist5k digits (samples, chain, test bits/dim); full demo only (empty if quick)."""
+    return "" if ctx.quick else digits_section(ctx)
 
 
 #: The two-moons runs of the demo: (epochs, learning rate, final learning rate), full and quick.
 MOONS_SCHEDULE = {"full": (200, 1e-2, 1e-4), "quick": (60, 1e-2, 1e-4)}
 
 
-def _diffusion_demo_report(ctx: DemoContext) -> str:
+def moons_section(ctx: DemoContext) -> str:
     from pvae import plots, plots_diffusion
     from pvae.data import BatchLoader, two_moons
     from pvae.inference import train
@@ -444,7 +419,7 @@ class DigitsDemo:
     objective: str = "simple"
     time_sampling: str = "per_datum"
     batch_size: int = 64
-    epochs: int = 24
+    epochs: int = 36
     lr: float = 2e-3
     lr_end: float = 2e-5
     ema_decay: float = 0.999
@@ -456,7 +431,7 @@ class DigitsDemo:
 DIGITS_DEMO = DigitsDemo()
 
 
-def _diffusion_digits_report(ctx: DemoContext, settings: DigitsDemo = DIGITS_DEMO) -> str:
+def digits_section(ctx: DemoContext, settings: DigitsDemo = DIGITS_DEMO) -> str:
     """Train a small DDPM on mnist5k digits, then samples (DDIM), the chain x_T → x_0 and test bits/dim."""
     import math
 

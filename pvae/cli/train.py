@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from pvae.cli import diffusion
-from pvae.cli.common import DemoContext, add_common, positive_int, print_json
+from pvae.cli.common import (
+    DemoContext,
+    add_common,
+    positive_int,
+    print_json,
+    run_summary,
+    start_run,
+    train_and_record,
+)
 
 # ---- autoencoders: train, evaluate, sample ---------------------------------------------------------------
 AUTOENCODERS = ("ae", "dae", "vae")
@@ -169,11 +176,7 @@ def _autoencoder_pictures(family, x, labels, history, out: str, prefix: str = ""
 
 
 def _run_train(args) -> int:
-    import torch
-
     from pvae.data import BatchLoader
-    from pvae.inference import train
-    from pvae.utils import resolve_device, seed_everything
 
     if not (args.lr > 0 and args.lr < float("inf")):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
@@ -188,10 +191,7 @@ def _run_train(args) -> int:
             f"--objective {args.objective} needs a guide with a density; {args.family} has a point-mass "
             "guide (use the default elbo)"
         )
-    device = resolve_device(args.device)
-    out = args.out or os.path.join("runs", args.family)
-    os.makedirs(out, exist_ok=True)
-    seed_everything(args.seed)
+    device, out = start_run(args, os.path.join("runs", args.family))
     train_x, _ = _image_split(args.dataset, "train", args.data_root, args.num_train, args.seed)
     test_x, test_labels = _image_split(args.dataset, "test", args.data_root, args.num_test, args.seed)
     binarize = _binarization(args.family, args.likelihood)
@@ -200,46 +200,31 @@ def _run_train(args) -> int:
     )
     test_loader = _test_loader(test_x, test_labels, binarize, device)
     family = _build_autoencoder(args.family, args).to(device)
-    checkpoint = os.path.join(out, "checkpoint.pt")
-    history = train(
+    history, checkpoint = train_and_record(
         family,
+        args,
         train_loader,
         test_loader,
-        epochs=args.epochs,
-        objective=args.objective,
-        lr=args.lr,
-        lr_end=args.lr_end,
-        checkpoint=checkpoint,
-        resume=args.resume,
-        seed=args.seed,
-        progress=not args.json,
-        jit=args.jit,
-        num_particles=args.num_particles,
-        engine=args.engine,
-        metadata={
-            "dataset": args.dataset,
-            "data_root": args.data_root,
+        out,
+        {
             "num_train": int(train_x.shape[0]),
             "num_test": int(test_x.shape[0]),
-            "batch_size": args.batch_size,
             "binarize": binarize,
             "family_kind": args.family,
         },
+        jit=args.jit,
+        num_particles=args.num_particles,
+        engine=args.engine,
     )
-    with open(os.path.join(out, "history.json"), "w") as handle:
-        json.dump(history.to_dict(), handle)
-    family.eval()
     pictures = _autoencoder_pictures(family, test_loader.data, test_labels, history, out)
-    summary = {
-        "family": args.family,
-        "epochs": history.epochs,
-        "objective": history.objective,
-        "train_elbo": history.train_elbo[-1],
-        "test_elbo": history.test_elbo[-1] if history.test_elbo else None,
-        "median_epoch_seconds": float(torch.tensor(history.epoch_seconds).median()),
-        "checkpoint": checkpoint,
-        "pictures": pictures,
-    }
+    summary = run_summary(
+        history,
+        checkpoint,
+        pictures,
+        family=args.family,
+        train_elbo=history.train_elbo[-1],
+        test_elbo=history.test_elbo[-1] if history.test_elbo else None,
+    )
     if args.json:
         print_json(summary)
         return 0
