@@ -260,6 +260,8 @@ def test_svi_program_and_after_step_hooks_are_used():
     assert family.steps_after == 5 and history.objective == "iwae"
 
 
+# jit=True is Pyro's JitTrace_ELBO, built on torch.jit.trace, which torch now marks as deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_objectives_jit_and_plain_dataloaders():
     dataset = torch.utils.data.TensorDataset(_data(24))
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)  # yields [x]
