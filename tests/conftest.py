@@ -1,6 +1,8 @@
 import pyro
 import pytest
 
+from pvae.utils import torch_threads
+
 
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
@@ -10,3 +12,11 @@ def fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests of thousands of tiny steps where threads cost more than they save.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with torch_threads(1):
+        yield

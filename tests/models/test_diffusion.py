@@ -18,13 +18,7 @@ from pvae.two_sample import mmd2, mmd2_null
 Z_LIMIT = 4.0  # two-sided z-test threshold: a false alarm has probability ~6e-5 per test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run thousands of tiny steps: intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny steps: threads only cost
 
 
 class LinearDenoiser(nn.Module):

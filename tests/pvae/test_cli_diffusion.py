@@ -10,13 +10,7 @@ from pvae import cli
 from pvae.checkpoint import load, load_checkpoint
 from pvae.utils import seed_everything
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny steps: threads only cost
 
 
 def _json(capsys):
