@@ -218,8 +218,7 @@ class DiscretizedGaussian(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape)
         new.scale = self.scale.expand(batch_shape)
-        super(DiscretizedGaussian, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(DiscretizedGaussian, new).__init__(batch_shape, validate_args=self._validate_args)
         return new
 
     @property
@@ -270,8 +269,7 @@ class ForwardStep(TorchDistribution):
         new = self._get_checked_instance(ForwardStep, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
-        super(ForwardStep, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(ForwardStep, new).__init__(batch_shape, validate_args=self._validate_args)
         return new
 
     @property
@@ -307,8 +305,7 @@ class ReverseStep(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
         new.decoder = self.decoder.expand(batch_shape)
-        super(ReverseStep, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(ReverseStep, new).__init__(batch_shape, validate_args=self._validate_args)
         return new
 
     def sample(self, sample_shape=()):
@@ -323,7 +320,9 @@ class ReverseStep(TorchDistribution):
             return gaussian
         if self._validate_args and not bool(pixel_grid.check(value[self.decoder.expand(value.shape)]).all()):
             raise ValueError("the decoder entries of the value must lie on the 256-level grid of [−1, 1]")
-        discretized = DiscretizedGaussian(self.loc, self.scale, validate_args=False).log_prob(value)
+        # the continuous entries are discarded below; snapped to the grid they pass the decoder's own checks
+        on_grid = torch.where(self.decoder, value, ((value.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1)
+        discretized = DiscretizedGaussian(self.loc, self.scale).log_prob(on_grid)
         return torch.where(self.decoder, discretized, gaussian)
 
 

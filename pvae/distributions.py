@@ -109,8 +109,7 @@ class TruncatedNormal(TorchDistribution):
         for name in ("loc", "scale", "low", "high"):
             setattr(new, name, getattr(self, name).expand(batch_shape))
         new._has_low, new._has_high = self._has_low, self._has_high
-        super(TruncatedNormal, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(TruncatedNormal, new).__init__(batch_shape, validate_args=self._validate_args)
         return new
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
