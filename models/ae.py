@@ -65,6 +65,12 @@ class FlatPrior(dist.ImproperUniform):
         batch_shape = torch.broadcast_shapes(value.shape[: value.dim() - self.event_dim], self.batch_shape)
         return value.new_zeros(()).expand(batch_shape)
 
+    def sample(self, sample_shape=()):
+        raise NotImplementedError(
+            "the flat prior on 'z' is improper and cannot be sampled: run the model under its guide "
+            "(e.g. SVI with Trace_ELBO, which replays the guide's z) rather than on its own"
+        )
+
 
 def _check_finite(x: torch.Tensor) -> None:
     """Raise ``ValueError`` for NaN/inf entries; one cheap reduction (NaN/inf propagate into Σx) first."""
