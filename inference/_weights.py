@@ -8,6 +8,7 @@ named ``"data"``) and a global part (everything else), for each particle.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import pyro
@@ -18,7 +19,14 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-__all__ = ["DATA_PLATE", "LogWeights", "guess_max_plate_nesting", "log_weights", "point_mass_sites"]
+__all__ = [
+    "DATA_PLATE",
+    "LogWeights",
+    "checked_plate_nesting",
+    "guess_max_plate_nesting",
+    "log_weights",
+    "point_mass_sites",
+]
 
 DATA_PLATE = "data"
 _PARTICLE_PLATE = "_pvae_particles"
@@ -55,6 +63,44 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
         if site["type"] == "sample":
             depth = max(depth, *(-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized), 0)
     return depth
+
+
+def _data_label(model) -> str:
+    """How error messages name the data: ``args[0]``, with the model's own name for it when it has one."""
+    try:
+        parameters = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return "args[0] (the data)"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [parameter.name for parameter in parameters if parameter.kind in positional]
+    return f"args[0] (the data, the model's argument {names[0]!r})" if names else "args[0] (the data)"
+
+
+_ACCEPTED = "a tensor of shape (N, ...) with the N ≥ 1 data points of the 'data' plate along its first dimension"
+
+
+def checked_plate_nesting(model, guide, args, kwargs) -> int:
+    """:func:`guess_max_plate_nesting`, after checking the data, the first positional argument.
+
+    An empty data tensor (N = 0) raises ``ValueError`` at once: a batch needs at least one datum. A 0-d
+    data tensor is left to the pair, since a model without a ``"data"`` plate may observe one scalar (the
+    whole pair is then one datum); if the pair cannot run on it, the ``ValueError`` says what is accepted.
+    """
+    data = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if data is not None and data.dim() > 0 and data.shape[0] == 0:
+        raise ValueError(
+            f"{_data_label(model)} is empty, shape {tuple(data.shape)}: a batch needs at least one datum; "
+            f"pass {_ACCEPTED}"
+        )
+    try:
+        return guess_max_plate_nesting(model, guide, args, kwargs)
+    except Exception as error:
+        if data is None or data.dim() > 0:
+            raise
+        raise ValueError(
+            f"{_data_label(model)} is a 0-d tensor, which the model/guide pair could not run on "
+            f"({type(error).__name__}: {error}); pass {_ACCEPTED}, e.g. x[None] for one datum"
+        ) from error
 
 
 def _unwrap(fn):

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import pyro.poutine as poutine
 import torch
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
-from pvae.inference._weights import _PARTICLE_PLATE, DATA_PLATE, guess_max_plate_nesting, log_weights
+from pvae.inference._weights import _PARTICLE_PLATE, DATA_PLATE, checked_plate_nesting, log_weights
 
 __all__ = ["Comparison", "compare"]
 
@@ -174,12 +174,15 @@ def compare(
 ) -> Comparison:
     """Compare ``guide`` with the exact posterior of ``model``, per datum over the ``"data"`` plate.
 
-    :param model: Pyro model; data points in ``pyro.plate("data", N)``.
+    :param model: Pyro model; data points in ``pyro.plate("data", N)``, N ≥ 1.
     :param guide: Pyro guide (any pair: nothing here knows a concrete family).
-    :param args: the data, passed to model, guide, ``posterior`` and ``log_marginal`` alike.
+    :param args: the data, passed to model, guide, ``posterior`` and ``log_marginal`` alike; a tensor
+        ``args[0]`` holds the N data points along its first dimension (empty data raise ``ValueError``).
     :param posterior: callable ``posterior(*args, **kwargs)`` returning the exact p(z | x) of one latent site
-        as a distribution whose batch shape matches that site's plates (e.g. (N,)).
-    :param log_marginal: callable ``log_marginal(*args, **kwargs)`` returning the exact log p(x), (N,).
+        as a distribution whose batch shape matches that site's plates (e.g. (N,)); a batch shape whose
+        size at the ``"data"`` plate's dim is not N raises ``ValueError`` rather than broadcasting.
+    :param log_marginal: callable ``log_marginal(*args, **kwargs)`` returning the exact log p(x), (N,);
+        any other shape raises ``ValueError``.
     :param num_samples: guide particles, ≥ 2.
     :param site: latent site that ``posterior`` describes; needed only when the guide has several.
     :param kwargs: passed to model, guide and the callables.
@@ -196,7 +199,7 @@ def compare(
             "log_marginal must be a callable taking the model's arguments, e.g. family.log_marginal"
         )
     with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting = checked_plate_nesting(model, guide, args, kwargs)
         weights = log_weights(model, guide, args, kwargs, num_samples, "guide", max_plate_nesting=nesting)
         log_w = weights.per_datum + weights.global_.unsqueeze(-1) / weights.per_datum.shape[-1]  # (S, N)
         latents = _latent_sites(weights.guide_trace)
@@ -217,7 +220,7 @@ def compare(
         total_per_particle = log_w.sum(-1)  # (S,)
         elbo_stderr = (total_per_particle.std(unbiased=True) / math.sqrt(num_samples)).item()
         if log_marginal is not None:
-            log_marginal_per_datum = torch.as_tensor(log_marginal(*args, **kwargs)).to(elbo_per_datum)
+            log_marginal_per_datum = _as_log_marginal(log_marginal(*args, **kwargs), elbo_per_datum)
             if log_marginal_per_datum.shape != elbo_per_datum.shape:
                 raise ValueError(
                     f"log_marginal returned shape {tuple(log_marginal_per_datum.shape)}, expected "
@@ -233,6 +236,7 @@ def compare(
         kl_method = None
         if posterior is not None:
             exact = posterior(*args, **kwargs)
+            _check_posterior(exact, site, guide_site)
             kl_per_datum = _analytic_kl(guide, site, latents, exact, guide_site, args, kwargs)
             if kl_per_datum is not None:
                 kl_method, kl_stderr = "analytic", 0.0
@@ -272,6 +276,48 @@ def compare(
         _guide_fn=_single_draw_guide_fn(guide, site, args, kwargs) if site is not None else None,
         data=data,
     )
+
+
+def _as_log_marginal(value, like: torch.Tensor) -> torch.Tensor:
+    """What ``log_marginal`` returned, as a tensor like ``like``; ``ValueError`` when it is not numbers."""
+    try:
+        return torch.as_tensor(value).to(like)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"log_marginal must return the exact log p(x) as a tensor of shape {tuple(like.shape)} (one value "
+            f"per datum of the 'data' plate), got {type(value).__name__}"
+        ) from error
+
+
+def _check_posterior(exact, site: str, guide_site: dict) -> None:
+    """Raise ``ValueError`` unless ``exact`` is a distribution with one posterior per datum of the data plate.
+
+    The data plate's dim counts from the right of the site's batch shape; the guide's event dims are
+    counted off the right of the posterior's batch + event shape, so a posterior that declares the event
+    dims as batch dims (or the other way round) is checked at the same axis. A missing or size-1 axis would
+    broadcast one posterior over every datum, and is accepted only when there is a single datum.
+    """
+    if not isinstance(exact, Distribution):
+        raise ValueError(
+            f"posterior must return the exact p(z | x) at site {site!r} as a torch/Pyro distribution, "
+            f"got {type(exact).__name__}"
+        )
+    frame = next(
+        (frame for frame in guide_site["cond_indep_stack"] if frame.name == DATA_PLATE and frame.vectorized),
+        None,
+    )
+    if frame is None:
+        return  # a latent outside the "data" plate: no per-datum axis to check
+    shape = exact.batch_shape + exact.event_shape
+    axis = frame.dim - len(guide_site["fn"].event_shape)
+    size = shape[axis] if len(shape) >= -axis else 1
+    if size != frame.size and not (frame.size == 1 and size == 1):
+        raise ValueError(
+            f"posterior returned a distribution of batch shape {tuple(exact.batch_shape)} (event shape "
+            f"{tuple(exact.event_shape)}), but site {site!r} lies in the 'data' plate of {frame.size} data "
+            f"points at dim {frame.dim}: its batch shape must have size {frame.size} there, one posterior "
+            f"per datum (e.g. batch shape ({frame.size},)), not broadcast over the data"
+        )
 
 
 def _analytic_kl(guide, site, latents, exact, guide_site, args, kwargs):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pvae.inference._weights import guess_max_plate_nesting, log_weights, point_mass_sites
+from pvae.inference._weights import checked_plate_nesting, log_weights, point_mass_sites
 
 __all__ = ["estimator_spread", "log_evidence", "per_datum_log_weights"]
 
@@ -30,14 +30,15 @@ def per_datum_log_weights(
 
     Global (non-``"data"``-plate) terms, if any, are shared by all data and added to every datum, which is
     exact for a pair with no global latents. Particles are drawn in batches of ``particles_per_batch``
-    (default 100) so memory stays bounded.
+    (default 100) so memory stays bounded. Empty data (N = 0), or 0-d data the pair cannot run on, raise
+    ``ValueError``.
     """
     _check_num("num_samples", num_samples)
     if proposal not in ("guide", "prior"):
         raise ValueError(
             f"proposal must be 'guide' (importance sampling) or 'prior' (naive), got {proposal!r}"
         )
-    nesting = guess_max_plate_nesting(model, guide if proposal == "guide" else None, args, kwargs)
+    nesting = checked_plate_nesting(model, guide if proposal == "guide" else None, args, kwargs)
     if particles_per_batch is None:
         particles_per_batch = min(num_samples, 100)
     _check_num("particles_per_batch", particles_per_batch)
@@ -79,7 +80,7 @@ def log_evidence(
     z ~ p(z) and w = p(x | z): the naive estimator p(x) ≈ 1/k Σ p(x | z_i), unbiased for p(x) but with far
     larger variance when the posterior is narrow relative to the prior.
 
-    :param model: Pyro model; data points in ``pyro.plate("data", N)``.
+    :param model: Pyro model; data points in ``pyro.plate("data", N)``, N ≥ 1.
     :param guide: Pyro guide with the same latent sites (ignored for ``proposal="prior"``). A guide with
         a point-mass (Delta) site raises ``ValueError``: there is no density to weigh.
     :param num_samples: k, particles per datum.

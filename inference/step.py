@@ -50,6 +50,8 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
+from pvae.checkpoint import CheckpointError
+
 __all__ = ["ENGINES", "SVIStep"]
 
 ENGINES = ("eager", "trace", "compile")
@@ -269,12 +271,17 @@ class SVIStep:
             "num_steps": self.num_steps,
         }
 
-    def load_state_dict(self, state: dict, rename: Callable[[str], str] | None = None) -> None:
+    def load_state_dict(
+        self, state: dict, rename: Callable[[str], str] | None = None, source: str | None = None
+    ) -> None:
         """Restore optimizer state (applied on the first step, once the parameters are known) and the step
-        count (at once). The learning rate stays this step's own (``lr`` or the last :meth:`set_lr`).
+        count (at once). The learning rate and other hyperparameters stay this step's own.
 
-        :param state: from :meth:`state_dict`.
+        :param state: from :meth:`state_dict`, or the ``optimizer`` section of a checkpoint that
+            :func:`pvae.checkpoint.load_checkpoint` validated.
         :param rename: maps saved param-store names to current ones (a family rebuilt under a new name).
+        :param source: where the state came from (a checkpoint's path): errors then are
+            :class:`~pvae.checkpoint.CheckpointError` naming it.
         """
         if not state:
             return
@@ -284,19 +291,52 @@ class SVIStep:
             return
         if rename is not None:
             state["param_names"] = [rename(name) for name in state["param_names"]]
+        state["source"] = source
         if self.optimizer is None:
             self._pending_optimizer_state = state
         else:
             self._load_optimizer_state(state)
 
     def _load_optimizer_state(self, state: dict) -> None:
+        """Check the saved per-parameter Adam state against this pair's parameters, then load it.
+
+        The fused CPU Adam does not check state shapes (a wrong one corrupts memory), so every tensor is
+        checked here first; only the per-parameter state is taken from ``state``, the hyperparameters
+        (``param_groups``) are this optimizer's own.
+        """
+        source = state.get("source")
+
+        def fail(field: str, problem: str):
+            if source is None:
+                raise ValueError(f"optimizer state: {field}: {problem}")
+            raise CheckpointError(source, f"optimizer.{field}", problem)
+
         if list(state["param_names"]) != list(self.param_names):
-            raise ValueError(
-                "the saved optimizer state belongs to other parameters: saved "
-                f"{state['param_names'][:3]}…, this pair has {self.param_names[:3]}…"
+            fail(
+                "param_names",
+                f"belongs to other parameters: saved {list(state['param_names'])[:3]}…, this pair has "
+                f"{self.param_names[:3]}…",
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.set_lr(self.lr)  # the rate is this step's own (lr, or the last set_lr), not the saved one
+        per_param = state["state"] if "state" in state else state["optimizer"]["state"]
+        checked = {}
+        for index, entry in per_param.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.params):
+                fail("state", f"parameter index {index!r} is not in [0, {len(self.params)})")
+            param = self.params[index]
+            entry = dict(entry)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in entry and (entry[key].shape != param.shape or entry[key].dtype != param.dtype):
+                    fail(
+                        f"state[{index}].{key}",
+                        f"has {entry[key].dtype} {tuple(entry[key].shape)}, the parameter "
+                        f"{self.param_names[index]!r} is {param.dtype} {tuple(param.shape)}",
+                    )
+            if "max_exp_avg_sq" in entry and not self.optimizer.param_groups[0].get("amsgrad"):
+                del entry["max_exp_avg_sq"]
+            checked[index] = entry
+        own_groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": checked, "param_groups": own_groups})
+        self.set_lr(self.lr)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -311,6 +351,21 @@ class SVIStep:
         return self._eager_step(args, kwargs)
 
     def _loss_and_backward(self, args, kwargs) -> torch.Tensor:
+        try:
+            return self._loss_and_backward_unchecked(args, kwargs)
+        except ValueError as error:
+            # torch's distribution checks say "Expected parameter …" when a distribution's *parameter* (a
+            # network's output: a scale, logits) left its support, which happens when training diverges;
+            # Pyro appends a dump of the trace's shapes. Report it as the divergence it is, in one line.
+            first_line = str(error).split("\n", 1)[0]
+            if not first_line.startswith("Expected parameter"):
+                raise
+            text = first_line if len(first_line) <= 200 else first_line[:197] + "…"
+            diverged = FloatingPointError(f"a distribution's parameter became invalid ({text})")
+            diverged.loss = "invalid"
+            raise diverged from None
+
+    def _loss_and_backward_unchecked(self, args, kwargs) -> torch.Tensor:
         differentiable_loss = getattr(self.elbo, "differentiable_loss", None)
         if differentiable_loss is not None:
             loss = differentiable_loss(self.model, self.guide, *args, **kwargs)

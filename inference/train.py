@@ -56,7 +56,10 @@ class History:
 
     ``train_elbo``/``test_elbo``: nats per datum after each epoch (for a non-ELBO objective such as a
     diffusion model's L_simple, minus that objective); ``epoch_seconds``: wall time of each epoch's training
-    pass; ``eval_seconds``: of its test evaluation; ``step_losses``: the loss per datum of every step.
+    pass; ``eval_seconds``: of its test evaluation; ``step_losses``: the loss per datum of every step;
+    ``objective``: the objective of the latest epochs; ``changes``: settings changed when the run was
+    resumed (``train(..., allow_changes=True)``), each ``{"epoch": first epoch under the new settings,
+    setting: [old, new], …}``.
     """
 
     objective: str = "elbo"
@@ -65,6 +68,7 @@ class History:
     epoch_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -121,6 +125,30 @@ def scheduled_lr(lr: float, lr_end: float | None, step: int, total_steps: int) -
     return float(lr) * (float(lr_end) / float(lr)) ** fraction
 
 
+# Settings a resumed run must share with the saved one (unless allow_changes): they change what is being
+# optimized or on what data. The engine, jit and the epoch count change neither.
+_RESUME_SETTINGS = ("objective", "lr", "lr_end", "num_particles")
+
+
+def _setting_changes(saved: dict, current: dict) -> dict[str, list]:
+    """Settings whose saved value differs from the current one: name → [saved, current]."""
+    keys = [key for key in current if key in _RESUME_SETTINGS or key not in _RUN_SETTINGS]
+    return {key: [saved.get(key), current[key]] for key in keys if saved.get(key) != current[key]}
+
+
+_RUN_SETTINGS = (
+    "objective",
+    "lr",
+    "lr_end",
+    "total_steps",
+    "epochs",
+    "num_particles",
+    "jit",
+    "engine",
+    "seed",
+)
+
+
 def _loader_generator(loader) -> torch.Generator | None:
     generator = getattr(loader, "generator", None)
     return generator if isinstance(generator, torch.Generator) else None
@@ -167,6 +195,8 @@ def train(
     device: str | torch.device | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_changes: bool = False,
     seed: int | None = None,
     progress: bool = True,
     jit: bool = False,
@@ -193,8 +223,14 @@ def train(
         run's last step (the module docstring has the formula); needs a loader with ``len()``. A resumed run
         continues the schedule from the saved step count.
     :param device: move the family there first (``"cpu"``, ``"cuda"``); default: where it already is.
-    :param checkpoint: file to write after every epoch (atomically); needed for ``resume``.
-    :param resume: continue from ``checkpoint`` if it exists (else start afresh).
+    :param checkpoint: file to write after every epoch (atomically); needed for ``resume``. An existing
+        file is never replaced unless ``resume`` or ``overwrite`` says so.
+    :param resume: continue from ``checkpoint`` if it exists (else start afresh). The saved run must have
+        the same family config and the same settings (objective, lr, lr_end, num_particles and every
+        ``metadata`` entry, e.g. the data set and batch size), unless ``allow_changes``.
+    :param overwrite: start afresh even though ``checkpoint`` exists (it is replaced after the first epoch).
+    :param allow_changes: resume although settings differ; the differences are recorded in
+        ``History.changes`` and the history names the new objective from then on.
     :param seed: seeds Python, NumPy, torch and Pyro before training (a resumed run restores the states
         saved in the checkpoint instead).
     :param progress: tqdm bar with the running loss per datum (stderr, only on a terminal).
@@ -210,6 +246,10 @@ def train(
     :returns: the :class:`History` of all epochs (including those before a resume).
     :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
         last good checkpoint in place.
+    :raises ValueError: for bad arguments, an existing ``checkpoint`` without ``resume``/``overwrite``, a
+        resume whose settings differ (the message lists them) or that has nothing left to train, and an
+        empty ``train_loader``; :class:`~pvae.checkpoint.CheckpointError` (a ``ValueError``) for a malformed
+        checkpoint.
     """
     epochs = _check_epochs(epochs)
     if engine not in ENGINES:
@@ -218,6 +258,13 @@ def train(
         raise ValueError(f"jit=True (Pyro's JitTrace_ELBO) runs with engine='eager', not engine={engine!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True contradict each other: choose one")
+    if checkpoint is not None and not resume and not overwrite and os.path.exists(checkpoint):
+        raise ValueError(
+            f"checkpoint {os.fspath(checkpoint)} already exists: pass resume=True to continue that run or "
+            "overwrite=True to replace it"
+        )
     lr_end = _check_lr_end(lr_end)
     if lr_end is not None and not hasattr(train_loader, "__len__"):
         raise ValueError("lr_end needs a train_loader with len() (the schedule spans epochs × len(loader))")
@@ -242,29 +289,11 @@ def train(
         compile_options=compile_options,
     )
     history = History(objective=_objective_name(objective))
-    start_epoch = 0
-    if resume and os.path.isfile(checkpoint):
-        saved = load_checkpoint(checkpoint, map_location=device)
-        restore_family(family, saved, device=device)
-        rename = param_renamer(saved["family"]["name"], family.name)
-        step.load_state_dict(saved.get("optimizer") or {}, rename=rename)
-        if saved.get("rng") is not None:
-            restore_rng_state(saved["rng"])
-        generator = _loader_generator(train_loader)
-        if generator is not None and saved.get("loader") is not None:
-            generator.set_state(saved["loader"])
-        if saved.get("history"):
-            history = History.from_dict(saved["history"])
-        start_epoch = int(saved["epoch"])
-        if not (saved.get("optimizer") or {}).get("num_steps") and steps_per_epoch is not None:
-            step.num_steps = start_epoch * steps_per_epoch  # a checkpoint from before step counting
-    total_steps = epochs * steps_per_epoch if steps_per_epoch is not None else None
-
     train_config = {
         "objective": history.objective,
         "lr": float(lr),
         "lr_end": lr_end,
-        "total_steps": total_steps,
+        "total_steps": epochs * steps_per_epoch if steps_per_epoch is not None else None,
         "epochs": epochs,
         "num_particles": int(num_particles),
         "jit": bool(jit),
@@ -272,6 +301,42 @@ def train(
         "seed": seed,
         **(metadata or {}),
     }
+    start_epoch = 0
+    if resume and os.path.isfile(checkpoint):
+        saved = load_checkpoint(checkpoint)
+        source = os.fspath(checkpoint)
+        changes = _setting_changes(saved["train_config"], train_config)
+        if changes and not allow_changes:
+            listed = "; ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changes.items())
+            raise ValueError(
+                f"resuming {source} with other settings than the saved run ({listed}); use the saved "
+                "settings, or allow the change explicitly (allow_changes=True, pvae train --allow-changes)"
+            )
+        restore_family(family, saved, device=device)
+        start_epoch = saved["epoch"]
+        if start_epoch >= epochs:
+            raise ValueError(
+                f"nothing left to train: {source} already holds {start_epoch} epoch(s) and epochs={epochs}; "
+                "ask for more epochs to continue the run"
+            )
+        rename = param_renamer(saved["family"]["prefix"], family.name)
+        step.load_state_dict(saved["optimizer"] or {}, rename=rename, source=source)
+        if saved["rng"] is not None:
+            restore_rng_state(saved["rng"])
+        generator = _loader_generator(train_loader)
+        if generator is not None and saved["loader"] is not None:
+            if generator.device.type != "cpu":
+                raise ValueError("resuming needs a train_loader whose generator lives on the CPU")
+            generator.set_state(saved["loader"])
+        if saved["history"]:
+            history = History.from_dict(saved["history"])
+        if changes:
+            history.changes.append({"epoch": start_epoch + 1, **changes})
+            history.objective = train_config["objective"]
+        if not (saved["optimizer"] or {}).get("num_steps") and steps_per_epoch is not None:
+            step.num_steps = start_epoch * steps_per_epoch  # a checkpoint from before step counting
+    total_steps = train_config["total_steps"]
+
     for epoch in range(start_epoch, epochs):
         family.train()
         losses: list[torch.Tensor] = []
@@ -308,6 +373,8 @@ def train(
                     bar.set_postfix(loss=f"{running:.2f}")
                     last_update = now
         epoch_seconds = time.perf_counter() - started
+        if not losses:
+            raise ValueError("train_loader yielded no batches: it needs at least one batch per epoch")
         step_losses = [value / size for value, size in zip(torch.stack(losses).tolist(), sizes)]
         history.step_losses += step_losses
         history.train_elbo.append(-sum(value * size for value, size in zip(step_losses, sizes)) / sum(sizes))

@@ -1,1 +1,9 @@
-"""Model families, one file each; installed as ``pvae.models``."""
+"""Model families, one file each; installed as ``pvae.models``.
+
+Importing this package imports every built-in family's module, and each registers its class by name
+(``@pvae.register_family``): ``toy``, ``mixture``, ``ae``, ``dae``, ``vae``, ``ddpm``.
+"""
+
+from pvae.models import ae, diffusion, mixture, toy, vae
+
+__all__ = ["ae", "diffusion", "mixture", "toy", "vae"]

@@ -35,9 +35,9 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from pvae.family import Family
+from pvae.family import Family, register_family
 from pvae.networks import mlp
-from pvae.utils import check_positive
+from pvae.utils import check_finite, check_positive
 
 __all__ = ["AE", "CORRUPTIONS", "DAE", "AEConfig", "DAEConfig", "FlatPrior"]
 
@@ -75,10 +75,7 @@ class FlatPrior(dist.ImproperUniform):
 def _check_finite(x: torch.Tensor) -> None:
     """Raise ``ValueError`` for NaN/inf entries; one cheap reduction (NaN/inf propagate into Σx) first."""
     if not torch.isfinite(x.sum()):
-        finite = torch.isfinite(x)
-        if not finite.all():
-            count = int((~finite).sum())
-            raise ValueError(f"x must be finite; it has {count} NaN/inf entr{'y' if count == 1 else 'ies'}")
+        check_finite("x", x)  # a finite sum that overflowed passes: the data are fine
 
 
 def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -120,6 +117,7 @@ class DAEConfig:
     name: str | None = None
 
 
+@register_family("ae")
 class AE(Family):
     """Autoencoder: flat prior on ``"z"``, Gaussian likelihood on ``"x"``, point-mass guide z = encoder(x).
 
@@ -136,6 +134,8 @@ class AE(Family):
     :param scale: fixed standard deviation s of the Gaussian likelihood, > 0.
     :param name: prefix in Pyro's param store (default: a unique ``"ae_<k>"``).
     """
+
+    config_class = AEConfig
 
     def __init__(
         self,
@@ -158,7 +158,7 @@ class AE(Family):
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        """Check shape (batch[, length], x_dim) and finiteness; cast to the parameters' dtype."""
+        """Check shape (batch[, length], x_dim) with batch ≥ 1 and finiteness; cast to the parameters' dtype."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -169,6 +169,8 @@ class AE(Family):
                 f"x must have shape (batch, {self.x_dim}) or (batch, length, {self.x_dim}), "
                 f"got {tuple(x.shape)}{hint}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"x is an empty batch, shape {tuple(x.shape)}: a batch needs at least one datum")
         dtype = self.decoder[0].weight.dtype
         if x.dtype != dtype:
             x = x.to(dtype)
@@ -244,6 +246,7 @@ class AE(Family):
         return squared.mean(1) if reduction == "mean" else squared.sum(1)
 
 
+@register_family("dae")
 class DAE(AE):
     """Denoising autoencoder: the guide encodes a corrupted x̃, the likelihood scores the clean x.
 
@@ -264,6 +267,8 @@ class DAE(AE):
     :param noise: masking probability p ∈ [0, 1), or the Gaussian noise's standard deviation > 0.
     :param name: prefix in Pyro's param store (default: a unique ``"dae_<k>"``).
     """
+
+    config_class = DAEConfig
 
     def __init__(
         self,

@@ -67,7 +67,7 @@ from torch.distributions import register_kl
 
 from pvae.data import check_model_space
 from pvae.denoisers import default_denoiser
-from pvae.family import Family
+from pvae.family import Family, register_family
 from pvae.utils import check_finite, progress_bar
 
 __all__ = [
@@ -96,7 +96,7 @@ PIXEL_HALF_WIDTH = 1.0 / 255.0  # half the spacing of the 256-level grid on [−
 
 # ---- noise schedules -----------------------------------------------------------------------------------
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
-    """β_1 … β_T in float64, shape (T,).
+    """β_1 … β_T in float64 on the CPU (the master table every device's copy is made from), shape (T,).
 
     - ``"linear"``: evenly spaced from 1e-4 to 0.02 at T = 1000 (DDPM §4); for other T both endpoints are
       scaled by 1000/T (Nichol & Dhariwal 2021, App. D) so that ᾱ_T ≈ 0 at any T;
@@ -108,9 +108,9 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     _check_timesteps(timesteps)
     if schedule == "linear":
         scale = 1000.0 / timesteps
-        betas = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64)
+        betas = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64, device="cpu")
     elif schedule == "cosine":
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        steps = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
         f = torch.cos((steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
         alphas_bar = f / f[0]
         betas = 1 - alphas_bar[1:] / alphas_bar[:-1]
@@ -119,9 +119,12 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     return betas.clamp(max=MAX_BETA)
 
 
+MAX_TIMESTEPS = 100_000  # ten times the longest chains in the literature; keeps per-t tables small
+
+
 def _check_timesteps(timesteps) -> int:
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
-        raise ValueError(f"timesteps must be a positive integer (T ≥ 1), got {timesteps!r}")
+    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"timesteps must be an integer in [1, {MAX_TIMESTEPS}], got {timesteps!r}")
     return timesteps
 
 
@@ -372,6 +375,7 @@ class SampleChain(NamedTuple):
     times: list[int]  # the K timesteps, T first, 0 last
 
 
+@register_family("ddpm")
 class DDPM(Family):
     """Denoising diffusion probabilistic model as a Pyro model/guide pair (see the module docstring).
 
@@ -396,6 +400,8 @@ class DDPM(Family):
         whole batch, by ``pyro.plate("time", T, subsample_size=1)``; ``"per_datum"`` — one t per datum.
     :param name: prefix in Pyro's param store (default: unique).
     """
+
+    config_class = DDPMConfig
 
     def __init__(
         self,
@@ -472,6 +478,7 @@ class DDPM(Family):
         self._tables64["kl_constant"] = torch.tensor(
             [0.0] + [self._kl_constant_from(tables=self._tables64, t=t) for t in range(1, timesteps + 1)],
             dtype=torch.float64,
+            device="cpu",
         )
         self._scalars = {name: table.tolist() for name, table in self._tables64.items()}
         self._register_schedule(torch.get_default_dtype(), torch.device("cpu"))
@@ -494,10 +501,14 @@ class DDPM(Family):
     # ---- validation ------------------------------------------------------------------------------------
     def _check_data(self, x0: torch.Tensor, name: str = "x0") -> torch.Tensor:
         check_finite(name, x0)
-        if x0.dim() != 1 + self.event_dims or tuple(x0.shape[1:]) != self.data_shape or x0.shape[0] < 1:
+        if x0.dim() != 1 + self.event_dims or tuple(x0.shape[1:]) != self.data_shape:
             raise ValueError(
                 f"{name} must have shape (N, {', '.join(map(str, self.data_shape))}) with N ≥ 1 to match "
                 f"data_shape={self.data_shape}, got {tuple(x0.shape)}"
+            )
+        if x0.shape[0] == 0:
+            raise ValueError(
+                f"{name} is an empty batch, shape {tuple(x0.shape)}: a batch needs at least one datum"
             )
         if x0.device != self.beta.device:
             raise ValueError(f"{name} is on {x0.device} but the model is on {self.beta.device}; move one")

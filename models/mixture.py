@@ -29,7 +29,7 @@ import torch
 from pyro.infer import config_enumerate
 from torch import nn
 
-from pvae.family import Family
+from pvae.family import Family, register_family
 from pvae.networks import mlp
 from pvae.utils import check_finite
 
@@ -46,7 +46,7 @@ class GaussianMixtureConfig:
 
 
 def _as_matrix(name: str, values, num_components: int) -> torch.Tensor:
-    tensor = torch.as_tensor(values, dtype=torch.float64)
+    tensor = torch.as_tensor(values, dtype=torch.float64, device="cpu")
     if tensor.dim() == 1:
         tensor = tensor.unsqueeze(-1)  # (K,) → (K, 1): one-dimensional data
     if tensor.dim() != 2 or tensor.shape[0] != num_components:
@@ -58,6 +58,7 @@ def _as_matrix(name: str, values, num_components: int) -> torch.Tensor:
     return tensor
 
 
+@register_family("mixture")
 class GaussianMixture(Family):
     """Gaussian mixture with a one-hot component indicator; exact posterior and evidence by enumeration.
 
@@ -68,6 +69,8 @@ class GaussianMixture(Family):
     :param name: prefix of this family's parameters in Pyro's param store (default: unique).
     """
 
+    config_class = GaussianMixtureConfig
+
     def __init__(
         self,
         weights: Sequence[float] = (0.3, 0.5, 0.2),
@@ -77,7 +80,7 @@ class GaussianMixture(Family):
         name: str | None = None,
     ):
         super().__init__(name)
-        weights_tensor = torch.as_tensor(weights, dtype=torch.float64)
+        weights_tensor = torch.as_tensor(weights, dtype=torch.float64, device="cpu")
         if weights_tensor.dim() != 1 or len(weights_tensor) < 2 or not (weights_tensor > 0).all():
             raise ValueError(f"weights must be ≥ 2 positive numbers, got {weights!r}")
         num_components = len(weights_tensor)
@@ -99,12 +102,15 @@ class GaussianMixture(Family):
     # ---- input validation --------------------------------------------------------------------------
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         check_finite("x", x)
+        shape = tuple(x.shape)
         if x.dim() == 1 and self.data_dim == 1:
             x = x.unsqueeze(-1)
         if x.dim() != 2 or x.shape[-1] != self.data_dim:
             raise ValueError(
-                f"x must have shape (N, {self.data_dim}) (or (N,) for 1-D data), got {tuple(x.shape)}"
+                f"x must have shape (N, {self.data_dim}) (or (N,) for 1-D data), got {shape}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"x is an empty batch, shape {shape}: a batch needs at least one datum")
         return x
 
     def _constants(self, x: torch.Tensor):
@@ -162,5 +168,5 @@ def _net_dtype(module: nn.Module) -> torch.dtype:
 
 
 def _nested(values) -> tuple:
-    tensor = torch.as_tensor(values, dtype=torch.float64)
+    tensor = torch.as_tensor(values, dtype=torch.float64, device="cpu")
     return tuple(tensor.tolist()) if tensor.dim() == 1 else tuple(tuple(row) for row in tensor.tolist())

@@ -38,7 +38,7 @@ from pyro.distributions import constraints
 from torch import nn
 
 from pvae.distributions import TruncatedNormal
-from pvae.family import Family
+from pvae.family import Family, register_family
 from pvae.networks import mlp
 from pvae.utils import check_finite, check_positive
 
@@ -61,6 +61,7 @@ class ExponentialGaussianConfig:
     name: str | None = None
 
 
+@register_family("toy")
 class ExponentialGaussian(Family):
     """z ~ Exponential(rate), x | z ~ Normal(z, scale), with exact posterior and evidence.
 
@@ -69,6 +70,8 @@ class ExponentialGaussian(Family):
     :param hidden_dim: width of the amortized guide's network.
     :param name: prefix of this family's parameters in Pyro's param store (default: unique).
     """
+
+    config_class = ExponentialGaussianConfig
 
     def __init__(self, rate: float = 1.0, scale: float = 1.0, hidden_dim: int = 32, name: str | None = None):
         super().__init__(name)

@@ -32,8 +32,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pvae.family import Family
-from pvae.utils import check_positive
+from pvae.family import Family, register_family
+from pvae.utils import check_finite, check_positive
 
 __all__ = ["LIKELIHOODS", "VAE", "VAEConfig", "flatten_data"]
 
@@ -61,22 +61,24 @@ def _check_dim(name: str, value) -> int:
 def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
     """Check the shape of a batch of data and flatten images to (batch, x_dim).
 
-    Accepted: (batch, x_dim); images (batch, H, W) or (batch, C, H, W) with C·H·W = x_dim.
+    Accepted: (batch, x_dim); images (batch, H, W) or (batch, C, H, W) with C·H·W = x_dim; batch ≥ 1.
 
     :param x: the batch.
     :param x_dim: number of entries of one datum.
     :param name: argument name used in error messages.
     :returns: a (batch, x_dim) view of ``x``.
-    :raises ValueError: for anything else, naming the accepted shapes.
+    :raises ValueError: for anything else, naming the accepted shapes, and for an empty batch.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must have a floating dtype (float32/float64), got {x.dtype}")
-    if x.dim() == 2 and x.shape[1] == x_dim:
-        return x
-    if x.dim() in (3, 4) and math.prod(x.shape[1:]) == x_dim:
-        return x.reshape(x.shape[0], x_dim)
+    if (x.dim() == 2 and x.shape[1] == x_dim) or (x.dim() in (3, 4) and math.prod(x.shape[1:]) == x_dim):
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"{name} is an empty batch, shape {tuple(x.shape)}: a batch needs at least one datum"
+            )
+        return x if x.dim() == 2 else x.reshape(x.shape[0], x_dim)
     hint = " (add a batch dimension: x[None])" if x.dim() == 1 and x.shape[0] == x_dim else ""
     raise ValueError(
         f"{name} must have shape (batch, {x_dim}), or (batch, H, W) / (batch, C, H, W) images with "
@@ -84,6 +86,7 @@ def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
     )
 
 
+@register_family("vae")
 class VAE(Family):
     """Variational autoencoder with seed 2's MLP encoder/decoder.
 
@@ -103,6 +106,8 @@ class VAE(Family):
     :param name: prefix in Pyro's param store (default: a unique ``"vae_<k>"``).
     :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
     """
+
+    config_class = VAEConfig
 
     def __init__(
         self,
@@ -152,10 +157,7 @@ class VAE(Family):
 
     def _check_values(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` for NaN/inf entries, or non-binary entries under a Bernoulli likelihood."""
-        finite = torch.isfinite(x)
-        if not finite.all():
-            count = int((~finite).sum())
-            raise ValueError(f"x must be finite; it has {count} NaN/inf entr{'y' if count == 1 else 'ies'}")
+        check_finite("x", x)
         if self.likelihood != "bernoulli":
             return  # a finite sum that overflowed: the data are fine
         grey = int(((x != 0) & (x != 1)).sum())

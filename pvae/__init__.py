@@ -1,9 +1,20 @@
 """pvae: latent-variable generative models written as Pyro model/guide pairs and fitted with SVI."""
 
 from pvae import distributions, utils
-from pvae.checkpoint import load
+from pvae.checkpoint import CheckpointError, load
 from pvae.distributions import TruncatedNormal
+from pvae.family import Family, register_family, registered_families
 
 __version__ = "0.1.0"
 
-__all__ = ["TruncatedNormal", "__version__", "distributions", "load", "utils"]
+__all__ = [
+    "CheckpointError",
+    "Family",
+    "TruncatedNormal",
+    "__version__",
+    "distributions",
+    "load",
+    "register_family",
+    "registered_families",
+    "utils",
+]

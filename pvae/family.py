@@ -1,17 +1,30 @@
-"""The base class every model family derives from.
+"""The base class every model family derives from, and the registry that names families.
 
 A family is an ``nn.Module`` whose ``model(*data)`` and ``guide(*data)`` methods share sample-site names.
-This base gives it two things the rest of pvae relies on:
+This base gives it what the rest of pvae relies on:
 
 - ``name``: a prefix that keeps its networks and parameters apart in Pyro's *global* param store
   (``pyro.module(self.name, self)``), so several families can be fitted in one process;
-- ``config``: a dataclass of constructor arguments (plain numbers, strings, tuples), so a checkpoint can
-  rebuild the family as ``type(family)(**dataclasses.asdict(family.config))``.
+- ``config``: a dataclass of constructor arguments (plain numbers, strings, tuples), the one declaration
+  of what the family is built from: the class says which dataclass with ``config_class``, and a
+  checkpoint rebuilds the family as ``type(family)(**dataclasses.asdict(family.config))``;
+- a registered name: ``@register_family("vae")`` on the class. Checkpoints name a family by this name
+  only (never by an import path), so loading a file can only ever build a class that the running program
+  registered. A family of your own is registered the same way, in your own module; import that module
+  before loading its checkpoints, as with any plugin.
+
+:func:`build_family` is the one way pvae builds a family from untrusted arguments (a checkpoint's, the
+command line's): it checks them against the declared config (names and types), lets the constructor
+check ranges, and refuses a family whose parameters and buffers would exceed :data:`MAX_ELEMENTS`, which
+it learns by building the family on PyTorch's ``meta`` device first (shapes only, no memory).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 import warnings
 from typing import Any
 
@@ -20,16 +33,241 @@ from torch import nn
 
 from pvae.utils import unique_name
 
-__all__ = ["Family"]
+__all__ = [
+    "MAX_ELEMENTS",
+    "Family",
+    "build_family",
+    "check_config_kwargs",
+    "family_class",
+    "register_family",
+    "registered_families",
+]
+
+# Parameters and buffers one family may ask for (2**31 float32 entries are 8 GiB): a size read from a
+# file or typed on the command line is refused beyond this before anything is allocated.
+MAX_ELEMENTS = 2**31
+
+_REGISTRY: dict[str, type] = {}
+_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
+_BUILT_INS = "pvae.models"  # the package whose modules register the built-in families on import
+
+
+def register_family(name: str):
+    """Class decorator: register a :class:`Family` subclass under ``name`` for checkpoints and the CLI.
+
+    ``name`` is lower-case letters, digits, ``_`` and ``-`` (starting with a letter, at most 64
+    characters). The class must declare ``config_class``, the dataclass of its constructor arguments.
+    Registering a second, different class under a taken name is an error.
+
+    Example::
+
+        @pvae.register_family("beta-bernoulli")
+        class BetaBernoulli(pvae.Family):
+            config_class = BetaBernoulliConfig
+            ...
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"a family's registered name must match {_NAME_PATTERN.pattern} (e.g. 'vae'), got {name!r}"
+        )
+
+    def register(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Family)):
+            raise TypeError(f"register_family({name!r}) decorates a pvae.family.Family subclass, got {cls!r}")
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(
+                f"{cls.__qualname__} must declare config_class, the dataclass of its constructor arguments"
+            )
+        known = _REGISTRY.get(name)
+        if known is not None and _class_path(known) != _class_path(cls):
+            raise ValueError(f"family name {name!r} is already registered for {_class_path(known)}")
+        _REGISTRY[name] = cls  # the same class again (its module re-imported) replaces itself
+        cls.family_name = name
+        return cls
+
+    return register
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _load_built_ins() -> None:
+    import importlib
+
+    importlib.import_module(_BUILT_INS)  # a fixed name, never one read from a file
+
+
+def registered_families() -> dict[str, type]:
+    """Registered name → family class, the built-in families included."""
+    _load_built_ins()
+    return dict(_REGISTRY)
+
+
+def family_class(name: str) -> type:
+    """The class registered under ``name``; ``ValueError`` naming the registered ones otherwise."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    families = registered_families()
+    if isinstance(name, str) and name in families:
+        return families[name]
+    shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}…"
+    raise ValueError(
+        f"unknown family {shown!r}: registered are {', '.join(sorted(families))}; a family of your own "
+        "is registered with @pvae.register_family('name') on its class, in a module you import first"
+    )
+
+
+def family_by_class_path(path: str) -> type | None:
+    """The registered class whose ``"module:qualname"`` is ``path`` (checkpoints of format 1), or None."""
+    for cls in registered_families().values():
+        if _class_path(cls) == path:
+            return cls
+    return None
+
+
+# ---- constructor arguments checked against the declared config -----------------------------------------
+_MAX_SEQUENCE = 4096  # entries of one tuple-valued argument
+_MAX_STRING = 256
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """A number, or a (nested, ≤ 2 levels) sequence of numbers: the values of an untyped tuple field."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    if isinstance(value, list | tuple) and depth < 2 and len(value) <= _MAX_SEQUENCE:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
+
+
+def _conforms(value, hint) -> tuple[bool, Any]:
+    """Whether ``value`` (plain data) has the type ``hint``, and the value as the config keeps it."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, converted = _conforms(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str) and len(value) <= _MAX_STRING, value
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) > _MAX_SEQUENCE:
+            return False, value
+        args = typing.get_args(hint)
+        if not args:
+            return all(_plain(item, 1) for item in value), _as_tuples(value)
+        item_hint = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item_hint is None:
+            return False, value
+        converted = []
+        for item in value:
+            ok, item = _conforms(item, item_hint)
+            if not ok:
+                return False, value
+            converted.append(item)
+        return True, tuple(converted)
+    return False, value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list | tuple) else value
+
+
+def _hint_text(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_config_kwargs(cls: type, kwargs) -> dict[str, Any]:
+    """Check constructor arguments against ``cls.config_class``: known names, declared types.
+
+    Values may come from a file: lists stand for tuples and are converted. Ranges are the constructor's
+    to check (:func:`build_family` calls it).
+
+    :returns: the arguments, converted.
+    :raises ValueError: naming the first argument that is unknown or of the wrong type.
+    """
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"the arguments of {cls.__qualname__} must be a dict, got {type(kwargs).__name__}")
+    config_class = cls.config_class
+    hints = typing.get_type_hints(config_class)
+    fields = [field.name for field in dataclasses.fields(config_class)]
+    checked = {}
+    for key, value in kwargs.items():
+        if key not in fields:
+            raise ValueError(
+                f"{cls.__qualname__} takes no argument {_describe(key)}; its config has {', '.join(fields)}"
+            )
+        ok, converted = _conforms(value, hints[key])
+        if not ok:
+            raise ValueError(
+                f"{cls.__qualname__} argument {key} must be {_hint_text(hints[key])}, got {_describe(value)}"
+            )
+        checked[key] = converted
+    return checked
+
+
+def _element_count(module: nn.Module) -> int:
+    return sum(tensor.numel() for tensor in (*module.parameters(), *module.buffers()))
+
+
+def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) -> Family:
+    """Build ``cls(**kwargs)`` from untrusted arguments, refusing what it cannot or should not build.
+
+    The arguments are checked against the declared config (:func:`check_config_kwargs`), the family is
+    first built on the ``meta`` device (shapes only) so that one exceeding :data:`MAX_ELEMENTS` is refused
+    before any memory is taken, then built for real on the CPU.
+
+    :param cls: a registered family class.
+    :param kwargs: constructor arguments (e.g. a checkpoint's, or the command line's).
+    :param checked: the arguments already went through :func:`check_config_kwargs`.
+    :raises ValueError: for an unknown or ill-typed argument, one the constructor rejects, or a family
+        too large to build.
+    """
+    kwargs = kwargs if checked else check_config_kwargs(cls, kwargs)
+    try:
+        with torch.device("meta"):
+            probe = cls(**kwargs)
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot build {cls.__qualname__} from {_describe(kwargs)}: {message}") from None
+    count = _element_count(probe)
+    del probe
+    if count > MAX_ELEMENTS:
+        raise ValueError(
+            f"{cls.__qualname__} with {_describe(kwargs)} would hold {count:,} parameters and buffers, over "
+            f"the limit of {MAX_ELEMENTS:,} (pvae.family.MAX_ELEMENTS)"
+        )
+    return cls(**kwargs)
 
 
 class Family(nn.Module):
     """Base for model/guide families.
 
-    Subclasses set ``self.config`` to a dataclass whose fields are exactly their constructor's
-    keyword arguments (including ``name``), after calling ``super().__init__(name)``.
+    Subclasses declare ``config_class`` (a dataclass whose fields are exactly their constructor's keyword
+    arguments, ``name`` included) and set ``self.config`` to an instance of it after calling
+    ``super().__init__(name)``; ``@register_family("name")`` on the class makes it loadable from
+    checkpoints and known to the command line.
     """
 
+    config_class: typing.ClassVar[type | None] = None
+    family_name: typing.ClassVar[str | None] = None  # set by @register_family
     config: Any
 
     def __init__(self, name: str | None = None):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyro
@@ -23,6 +25,7 @@ __all__ = [
     "seed_everything",
     "torch_threads",
     "unique_name",
+    "write_atomically",
 ]
 
 _name_counters: dict[str, itertools.count] = {}
@@ -53,16 +56,64 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn a ``--device`` value (None meaning the default) into a usable ``torch.device``."""
+    """Turn a ``--device`` value (None meaning the default) into a usable ``torch.device``.
+
+    pvae runs on the CPU and on CUDA devices; anything else (``meta``, ``mps``, an index past the last GPU)
+    is a ``ValueError`` naming the accepted values.
+    """
     if device is None:
         return default_device()
+    accepted = "'cpu', 'cuda' or 'cuda:N'"
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but no CUDA device is available")
-    return device
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be {accepted}, got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be {accepted}, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(resolved)!r} was asked for, but no CUDA device is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(resolved)!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
+                f"device(s): use cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+            )
+    return resolved
+
+
+def write_atomically(path: str | os.PathLike, write: Callable, *, binary: bool = True) -> str:
+    """Write a file so that readers see the old content or the new, never a part: ``write(handle)`` fills
+    a temporary file in the same folder, which then replaces ``path`` (``os.replace``).
+
+    The folder is created when missing; the file gets the usual permissions (0666 less the umask).
+
+    :returns: the path written.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb" if binary else "w",
+        dir=folder,
+        prefix=os.path.basename(path) + ".",
+        suffix=".tmp",
+        delete=False,
+        **({} if binary else {"encoding": "utf-8"}),
+    )
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+        raise
+    return path
 
 
 def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from pvae.checkpoint import load_checkpoint
+from pvae.checkpoint import CheckpointError, load_checkpoint
 from pvae.data import BatchLoader
-from pvae.family import Family
+from pvae.family import Family, register_family
 from pvae.inference import History, SVIStep, train
 from pvae.inference.train import scheduled_lr
 from pvae.models.vae import VAE
@@ -27,8 +27,11 @@ class TinyConfig:
     name: str | None = None
 
 
+@register_family("test-tiny")
 class Tiny(Family):
     """z ~ N(0, I₂), x | z ~ N(decoder(z)·gain, σ²) with σ a constrained free Pyro param; Gaussian guide."""
+
+    config_class = TinyConfig
 
     def __init__(self, dim: int = 6, name: str | None = None):
         super().__init__(name)
@@ -55,6 +58,7 @@ class Tiny(Family):
         self.steps_after += 1
 
 
+@register_family("test-tiny-meanfield")
 class TinyMeanField(Tiny):
     """Trains its own program: the analytic-KL ELBO whatever the objective asked for."""
 
@@ -138,7 +142,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
     saved = load_checkpoint(path)
     assert saved["epoch"] == 2 and saved["optimizer"]["num_steps"] == 10  # 5 batches per epoch
     expected_lr = 1e-2 if lr_end is None else scheduled_lr(1e-2, lr_end, 9, 15)  # that of the 10th step
-    assert saved["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected_lr, rel=1e-12)
     resumed = Tiny(name="second_try")  # a fresh process would rebuild it: new object, new name, new init
     again = train(
         resumed,
@@ -160,9 +164,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_parameters(t
     assert again.step_losses == history.step_losses
     final = load_checkpoint(path)
     assert final["epoch"] == 3 and final["optimizer"]["num_steps"] == 15
-    assert final["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
-        lr_end or 1e-2, rel=1e-12
-    )
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_end or 1e-2, rel=1e-12)
     assert final["train_config"]["lr_end"] == lr_end
 
 
@@ -297,5 +299,44 @@ def test_bad_arguments_raise(tmp_path):
         train(family, iter([_data(8)]), epochs=1, lr_end=1e-4)  # no len(): the schedule has no length
     other = VAE(x_dim=6, z_dim=2, hidden_dim=8)
     train(other, [torch.ones(4, 6)], epochs=1, checkpoint=tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match=r"holds a pvae\.models\.vae:VAE"):
+    with pytest.raises(CheckpointError, match=r"family.name: the checkpoint holds a 'vae' family"):
         train(family, _loader(), epochs=2, checkpoint=tmp_path / "vae.pt", resume=True)
+    with pytest.raises(ValueError, match="no batches"):
+        train(Tiny(), [], epochs=1)
+
+
+def test_an_existing_checkpoint_is_never_replaced_unless_asked(tmp_path):
+    path = tmp_path / "run.pt"
+    train(Tiny(), _loader(), epochs=1, checkpoint=path, progress=False)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"already exists: pass resume=True .* or overwrite=True"):
+        train(Tiny(), _loader(), epochs=1, checkpoint=path, progress=False)
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="contradict"):
+        train(Tiny(), _loader(), epochs=1, checkpoint=path, resume=True, overwrite=True)
+    train(Tiny(), _loader(seed=3), epochs=1, checkpoint=path, overwrite=True, progress=False)
+    assert path.read_bytes() != before
+
+
+def test_resuming_with_other_settings_is_refused_unless_allowed(tmp_path):
+    path = tmp_path / "run.pt"
+    common = {"checkpoint": path, "progress": False, "metadata": {"batch_size": 8}}
+    train(Tiny(), _loader(), epochs=1, lr=1e-2, **common)
+    with pytest.raises(
+        ValueError, match=r"other settings .*objective: saved 'elbo', now 'meanfield'; lr: saved"
+    ):
+        train(Tiny(), _loader(), epochs=2, lr=1e-3, objective="meanfield", resume=True, **common)
+    changed = common | {"metadata": {"batch_size": 4}}
+    with pytest.raises(ValueError, match="batch_size: saved 8, now 4"):
+        train(Tiny(), _loader(), epochs=2, lr=1e-2, resume=True, **changed)
+    with pytest.raises(ValueError, match=r"nothing left to train: .* 1 epoch\(s\) and epochs=1"):
+        train(Tiny(), _loader(), epochs=1, lr=1e-2, resume=True, **common)
+    history = train(
+        Tiny(), _loader(), epochs=2, lr=1e-2, objective="meanfield", resume=True, allow_changes=True, **common
+    )
+    assert history.objective == "meanfield" and history.epochs == 2
+    assert history.changes == [{"epoch": 2, "objective": ["elbo", "meanfield"]}]
+    saved = load_checkpoint(path)
+    assert (
+        saved["train_config"]["objective"] == "meanfield" and saved["history"]["changes"] == history.changes
+    )
