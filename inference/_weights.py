@@ -76,7 +76,9 @@ def _data_label(model) -> str:
     return f"args[0] (the data, the model's argument {names[0]!r})" if names else "args[0] (the data)"
 
 
-_ACCEPTED = "a tensor of shape (N, ...) with the N ≥ 1 data points of the 'data' plate along its first dimension"
+_ACCEPTED = (
+    "a tensor of shape (N, ...) with the N ≥ 1 data points of the 'data' plate along its first dimension"
+)
 
 
 def checked_plate_nesting(model, guide, args, kwargs) -> int:

@@ -284,8 +284,8 @@ def _as_log_marginal(value, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(value).to(like)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(
-            f"log_marginal must return the exact log p(x) as a tensor of shape {tuple(like.shape)} (one value "
-            f"per datum of the 'data' plate), got {type(value).__name__}"
+            f"log_marginal must return the exact log p(x) as a tensor of shape {tuple(like.shape)} "
+            f"(one value per datum of the 'data' plate), got {type(value).__name__}"
         ) from error
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pvae.utils import check_finite
+
 __all__ = [
     "IMAGE_DATASETS",
     "BatchLoader",
@@ -56,8 +58,26 @@ class ImageData:
         return self.pixels.shape[0]
 
     def flat(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Grey levels pixel/255 in [0, 1], flattened: (N, 784)."""
+        """Grey levels pixel/255 in [0, 1], flattened: (N, 784). NaN/inf pixels raise ``ValueError``."""
+        if self.pixels.is_floating_point():
+            check_finite("pixels", self.pixels)
         return self.pixels.reshape(len(self), -1).to(dtype) / 255.0
+
+
+def _as_pixels(name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` as uint8 pixels, after checking that they are finite integers in 0..255 (``ValueError``)."""
+    if values.is_floating_point():
+        check_finite(name, values)
+        off_levels = int((values != values.round()).sum())
+    else:
+        off_levels = 0
+    outside = int(((values < 0) | (values > 255)).sum())
+    if off_levels or outside:
+        raise ValueError(
+            f"{name} must be integer pixel levels 0..255; {off_levels + outside} of {values.numel()} entries "
+            "are not"
+        )
+    return values.to(torch.uint8)
 
 
 def mnist5k_path() -> str:
@@ -71,17 +91,34 @@ def mnist5k_path() -> str:
     return path
 
 
+def _read_table(path: str, name: str) -> np.ndarray:
+    """The CSV at ``path`` as integers, or, when some entry is not one (NaN, 0.5), as floats to be checked."""
+    try:
+        with gzip.open(path, "rt") as handle:
+            return np.loadtxt(handle, delimiter=",", dtype=np.int64)  # 4× faster to parse than floats
+    except ValueError:
+        pass
+    try:
+        with gzip.open(path, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"{name} is not a CSV table of numbers: {error}") from error
+    check_finite(name, torch.from_numpy(table))
+    return table
+
+
 def _load_mnist5k(split: str) -> ImageData:
-    with gzip.open(mnist5k_path(), "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)  # (5000, 785)
-    pixels, labels = table[:, :-1], table[:, -1]
+    path = mnist5k_path()
+    name = f"dataset 'mnist5k' (load_images(name='mnist5k'), read from {path})"
+    table = _read_table(path, name)  # (5000, 785)
+    pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
     keep = []
     for digit in range(10):
         rows = np.flatnonzero(labels == digit)  # file order within the class
         keep.append(rows[:MNIST5K_TRAIN_PER_CLASS] if split == "train" else rows[MNIST5K_TRAIN_PER_CLASS:])
     index = np.concatenate(keep)
     return ImageData(
-        pixels=torch.from_numpy(pixels[index].astype(np.uint8)).reshape(-1, 28, 28),
+        pixels=_as_pixels(f"the pixels of {name}", torch.from_numpy(pixels[index])).reshape(-1, 28, 28),
         labels=torch.from_numpy(labels[index]),
     )
 
@@ -98,7 +135,8 @@ def _load_torchvision(name: str, split: str, root: str | None, download: bool) -
             f"could not load {name!r} from {root!r} ({error}). Download it while online, or point root= "
             "(--data-root) at a folder holding it; 'mnist5k' needs no download."
         ) from error
-    return ImageData(pixels=dataset.data.to(torch.uint8), labels=dataset.targets.to(torch.int64))
+    pixels = _as_pixels(f"the pixels of dataset {name!r} (load_images(name={name!r}))", dataset.data)
+    return ImageData(pixels=pixels, labels=dataset.targets.to(torch.int64))
 
 
 def load_images(name: str = "mnist5k", split: str = "train", root: str | None = None, download: bool = True):
@@ -109,6 +147,7 @@ def load_images(name: str = "mnist5k", split: str = "train", root: str | None = 
     :param root: folder for torchvision data sets (default ``~/.cache/pvae``).
     :param download: let torchvision download when the files are missing.
     :returns: :class:`ImageData`.
+    :raises ValueError: for an unknown name or split, or files holding NaN/inf or levels outside 0..255.
     """
     if name not in IMAGE_DATASETS:
         raise ValueError(f"dataset must be one of {IMAGE_DATASETS}, got {name!r}")
@@ -120,7 +159,14 @@ def load_images(name: str = "mnist5k", split: str = "train", root: str | None = 
 
 
 def to_model_space(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Pixels {0, …, 255} → [−1, 1] on the 256-level grid: pixel/127.5 − 1."""
+    """Pixels {0, …, 255} → [−1, 1] on the 256-level grid: pixel/127.5 − 1.
+
+    :raises ValueError: when ``pixels`` is not a tensor, or has NaN/inf entries.
+    """
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"pixels must be a torch.Tensor of levels 0..255, got {type(pixels).__name__}")
+    if pixels.is_floating_point():
+        check_finite("pixels", pixels)
     return pixels.to(dtype) / 127.5 - 1.0
 
 
@@ -131,8 +177,8 @@ def from_model_space(x: torch.Tensor) -> torch.Tensor:
 
 def check_model_space(name: str, x: torch.Tensor, atol: float = 1e-4) -> torch.Tensor:
     """Raise ``ValueError`` unless ``x`` lies in [−1, 1] on the 256-level grid k/127.5 − 1."""
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} must be finite (found NaN/inf)")
+    if not isinstance(x, torch.Tensor) or x.is_floating_point():
+        check_finite(name, x)
     levels = (x.detach() + 1) * 127.5
     off_grid = (levels - levels.round()).abs() > atol * 127.5
     if (x < -1 - atol).any() or (x > 1 + atol).any() or off_grid.any():
@@ -174,7 +220,8 @@ class BatchLoader:
     binarize grey levels on the fly. Its ``generator`` decides shuffling and dynamic binarization, so
     saving ``loader.generator.get_state()`` with a checkpoint makes a resumed run see the same batches.
 
-    :param data: (N, ...) floating tensor (grey levels in [0, 1] when ``binarize`` is set).
+    :param data: (N, ...) floating tensor with N ≥ 1 and no NaN/inf entries (grey levels in [0, 1] when
+        ``binarize`` is set); anything else raises ``ValueError``.
     :param labels: optional (N,) tensor served alongside.
     :param batch_size: batch size, ≥ 1.
     :param shuffle: reshuffle every epoch.
@@ -198,6 +245,13 @@ class BatchLoader:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
         if binarize not in BINARIZATIONS:
             raise ValueError(f"binarize must be one of {BINARIZATIONS}, got {binarize!r}")
+        if not isinstance(data, torch.Tensor) or data.dim() == 0:
+            shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+            raise ValueError(f"data must be a tensor of shape (N, ...), N ≥ 1 data points, got {shape}")
+        if data.shape[0] == 0:
+            raise ValueError(f"data is empty, shape {tuple(data.shape)}: a loader needs at least one datum")
+        if data.is_floating_point():
+            check_finite("data", data)  # before binarizing: a NaN grey level would become a silent 0
         if labels is not None and labels.shape[0] != data.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} rows but data has {data.shape[0]}")
         if binarize is not None and ((data < 0).any() or (data > 1).any()):

@@ -1,11 +1,27 @@
-"""Distributions Pyro lacks: a tail-stable, reparameterized truncated normal.
+r"""Distributions Pyro lacks: a tail-stable, reparameterized truncated normal.
 
 Every quantity is computed in *tail-stable coordinates*. With standardized bounds
 a = (low − loc)/scale and b = (high − loc)/scale, an interval that lies in the upper half (a > 0) is
 mirrored, Z' = −Z on [−b, −a], so that it always lies where log Φ is accurate (the lower tail,
 ``torch.special.log_ndtr``). Normalizers, densities, moments and samples are then computed from log Φ
 without ever forming Φ(a) or 1 − Φ(a) directly, which keeps them finite and accurate for standardized
-bounds far into either tail (|a|, |b| ≤ 50 is tested; float64 recommended there).
+bounds far into either tail (float64 recommended there).
+
+When the whole mirrored interval lies at or below 0 (b' ≤ 0, the *tail case*), the normalizer, density,
+mean, variance and entropy are written relative to the bound nearest the mode, u = −b', so that the terms
+of size u²/2 cancel on paper instead of in floating point: with Y = b' − Z' ∈ [0, w], w = b' − a',
+
+.. math::
+    \log Z = -\tfrac12 u^2 + L, \qquad
+    \log p_Y(y) = -u y - \tfrac12 y^2 - L - \tfrac12\log 2\pi,
+
+where L = −½ log 2π − log g(u) + log(1 − r), g(u) = φ(u)/(1 − Φ(u)) is the standard normal hazard and
+r = (1 − Φ(u + w))/(1 − Φ(u)). The mean and variance of Y come from those of the excess over u of a
+standard normal conditioned to exceed u (see :func:`_normal_excess`), which stay accurate however large
+u is. This is what keeps, e.g., Normal(−10¹⁶, 1) truncated to [0, ∞) accurate: its mean is close to its
+exponential limit 10⁻¹⁶ and no longer the difference of two numbers near 10¹⁶. The sampler, the CDF and
+the quantile still work in the mirrored coordinates themselves: they stay finite in the tail case, but
+their error relative to the spread of the distribution grows like u² times the float precision.
 """
 
 from __future__ import annotations
@@ -36,6 +52,86 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 def _log_phi(z: torch.Tensor) -> torch.Tensor:
     """Log standard normal density."""
     return -0.5 * z * z - _HALF_LOG_2PI
+
+
+# The Laplace continued fraction of erfcx takes over from torch.special.erfcx at u = _EXCESS_SPLIT, where
+# _EXCESS_TERMS terms of it are already exact to float64 rounding and the direct forms below it have lost
+# at most two digits to cancellation.
+_EXCESS_SPLIT = 2.5 * math.sqrt(2.0)
+_EXCESS_TERMS = 40
+
+
+def _normal_excess(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""For u ≥ 0 and X ~ N(0, 1): (g, d, v) with g = φ(u)/(1 − Φ(u)), d = E[X − u | X > u] = g − u and
+    v = Var[X | X > u] = 1 − d·g, all accurate to float rounding and differentiable for any u ≥ 0.
+
+    With t = u/√2 and erfcx the scaled complementary error function, 1 − Φ(u) = ½ erfcx(t) e^{−t²}, so
+    g = √(2/π)/erfcx(t); that direct form is used below ``_EXCESS_SPLIT``. Above it d and v are tiny
+    differences of large terms, so they come from Laplace's continued fraction
+
+    .. math:: \sqrt\pi\,\mathrm{erfcx}(t) = \cfrac{1}{t + c_1},\qquad
+              c_k = \cfrac{k/2}{t + c_{k+1}},
+
+    which gives d = √2 c₁ and, after two more levels of the fraction, 1 − d·g = 1 − 2c₁(t + c₁) as
+    v = (t + 2c₂ − c₃) / (2 (t + c₃)(t + c₂)²), a sum of positive terms.
+    """
+    large = u >= _EXCESS_SPLIT
+    # each form only sees arguments in its own range, so neither can feed a NaN into the other's gradient
+    u_small = torch.where(large, torch.zeros_like(u), u)
+    g_small = math.sqrt(2.0 / math.pi) / torch.special.erfcx(u_small / math.sqrt(2.0))
+    d_small = g_small - u_small
+    v_small = 1.0 - d_small * g_small
+
+    u_large = torch.where(large, u, torch.full_like(u, _EXCESS_SPLIT))
+    t = u_large / math.sqrt(2.0)
+    c = torch.zeros_like(t)
+    c2 = c3 = c
+    for k in range(_EXCESS_TERMS, 0, -1):
+        c = (0.5 * k) / (t + c)
+        if k == 3:
+            c3 = c
+        elif k == 2:
+            c2 = c
+    d_large = math.sqrt(2.0) * c
+    v_large = (t + 2.0 * c2 - c3) / (2.0 * (t + c3) * (t + c2) ** 2)
+
+    d = torch.where(large, d_large, d_small)
+    g = torch.where(large, u_large + d_large, g_small)
+    v = torch.where(large, v_large, v_small)
+    return g, d, v
+
+
+def _tail_terms(u: torch.Tensor, width: torch.Tensor):
+    r"""The tail case in closed form: X ~ N(0, 1) restricted to [u, u + w], u ≥ 0, w ∈ (0, ∞].
+
+    Returns (L, E[Y], Var[Y]) for Y = X − u, where log P(u ≤ X ≤ u + w) = −u²/2 + L. With r the share of
+    the tail beyond u + w, r = (1 − Φ(u + w))/(1 − Φ(u)), and the moments of the excess over u and over
+    u + w (:func:`_normal_excess`), conditioning on X ≤ u + w gives
+
+    .. math::
+        L = -\tfrac12\log 2\pi - \log g(u) + \log(1 - r), \qquad
+        \log r = -\tfrac12 w(w + 2u) + \log g(u) - \log g(u + w),
+
+        \mathbb E[Y] = \frac{d(u) - r\,(w + d(u + w))}{1 - r}, \qquad
+        \mathrm{Var}[Y] = \frac{v(u) - r\,v(u + w) - r(1 - r)(w + d(u + w) - \mathbb E[Y])^2}{1 - r}
+
+    (the last is the law of total variance over the events X ≤ u + w and X > u + w). With w = ∞, r = 0.
+    For a narrow interval deep in the tail (w ≪ 1/u) r is close to 1 and these lose digits.
+    """
+    bounded = torch.isfinite(width)
+    width_safe = torch.where(bounded, width, torch.ones_like(width))
+    g_u, d_u, v_u = _normal_excess(u)
+    g_v, d_v, v_v = _normal_excess(u + width_safe)
+    log_r = -0.5 * width_safe * (width_safe + 2.0 * u) + torch.log(g_u) - torch.log(g_v)
+    log_r = torch.where(bounded, log_r, torch.full_like(log_r, -math.inf))
+    r = torch.exp(log_r)
+    one_minus_r = -torch.expm1(log_r)
+    big_l = -_HALF_LOG_2PI - torch.log(g_u) + _log1mexp(log_r)
+    beyond = width_safe + d_v  # E[Y | X > u + w]
+    mean = ((d_u - r * beyond) / one_minus_r).clamp(min=0.0)
+    mean = torch.minimum(mean, width)
+    variance = (v_u - r * v_v - r * one_minus_r * (beyond - mean) ** 2) / one_minus_r
+    return big_l, mean, variance.clamp(min=0.0)
 
 
 def log_ndtri(log_p: torch.Tensor, newton_steps: int = 4) -> torch.Tensor:
@@ -129,17 +225,47 @@ class TruncatedNormal(TorchDistribution):
         standardized = (torch.where(finite, bound, torch.zeros_like(bound)) - self.loc) / self.scale
         return torch.where(finite, standardized, bound)
 
-    def _stable(self):
-        """(sign, a', b', log Z) with Z' = sign·(X − loc)/scale supported on [a', b'] and b' ≤ 0 or a' ≤ 0."""
+    def _mirror(self):
+        """(sign, a', b') with Z' = sign·(X − loc)/scale supported on [a', b'] and b' ≤ 0 or a' ≤ 0."""
         a = self._standardize_bound(self.low)
         b = self._standardize_bound(self.high)
         flip = a > 0
         sign = torch.where(flip, -torch.ones_like(a), torch.ones_like(a))
         lo = torch.where(flip, -b, a)
         hi = torch.where(flip, -a, b)
-        log_cdf_hi = torch.special.log_ndtr(hi)
-        log_z = log_cdf_hi + _log1mexp(torch.special.log_ndtr(lo) - log_cdf_hi)
-        return sign, lo, hi, log_z
+        return sign, lo, hi
+
+    def _terms(self):
+        """Everything the tail case and the other case need, each form fed only arguments valid for it.
+
+        Returns ``(sign, a', b', log Z, tail, u, L, E[Y], Var[Y], near)``: ``tail`` marks b' ≤ 0, where
+        u = −b', Y = b' − Z' and log Z = −u²/2 + L (module docstring); ``near`` is the bound at Z' = b' in
+        data units (``low`` when mirrored, else ``high``). Off the tail case u, L, E[Y], Var[Y] are those of
+        a harmless stand-in interval and must not be used.
+        """
+        sign, lo, hi = self._mirror()
+        tail = hi <= 0
+        both = torch.isfinite(self.low) & torch.isfinite(self.high)
+        # the width from the bounds themselves: a' and b' each carry a rounding error of order |loc|/scale
+        width = (
+            torch.where(both, self.high, torch.ones_like(self.high)) - torch.where(both, self.low, 0.0)
+        ) / (self.scale)
+        width = torch.where(both, width, torch.full_like(width, math.inf))
+        u = torch.where(tail, -hi, torch.ones_like(hi))
+        big_l, mean_y, var_y = _tail_terms(u, torch.where(tail, width, torch.ones_like(width)))
+        log_z_tail = -0.5 * u * u + big_l
+        # the other case (a' ≤ 0 < b'): log Φ(b') + log(1 − Φ(a')/Φ(b')), accurate as it stands
+        lo_other = torch.where(tail, -torch.ones_like(lo), lo)
+        hi_other = torch.where(tail, torch.ones_like(hi), hi)
+        log_cdf_hi = torch.special.log_ndtr(hi_other)
+        log_z_other = log_cdf_hi + _log1mexp(torch.special.log_ndtr(lo_other) - log_cdf_hi)
+        log_z = torch.where(tail, log_z_tail, log_z_other)
+        near = torch.where(sign < 0, self.low, self.high)
+        return sign, lo, hi, log_z, tail, u, big_l, mean_y, var_y, near
+
+    def _stable(self):
+        """(sign, a', b', log Z) with Z' = sign·(X − loc)/scale supported on [a', b'] and b' ≤ 0 or a' ≤ 0."""
+        return self._terms()[:4]
 
     @property
     def log_normalizer(self) -> torch.Tensor:
@@ -149,9 +275,14 @@ class TruncatedNormal(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
+        sign, _, _, log_z, tail, u, big_l, _, _, near = self._terms()
         z = (value - self.loc) / self.scale
         inside = (value >= self.low) & (value <= self.high)
-        log_density = _log_phi(z) - torch.log(self.scale) - self.log_normalizer
+        log_density = _log_phi(z) - torch.log(self.scale) - log_z
+        # tail case: y = b' − z' measured from the near bound directly, log p = −uy − y²/2 − L − ½ log 2π
+        y = sign * (torch.where(tail, near, value) - value) / self.scale
+        log_density_tail = -u * y - 0.5 * y * y - big_l - _HALF_LOG_2PI - torch.log(self.scale)
+        log_density = torch.where(tail, log_density_tail, log_density)
         return torch.where(inside, log_density, torch.full_like(log_density, -math.inf))
 
     def cdf(self, value):
@@ -190,30 +321,48 @@ class TruncatedNormal(TorchDistribution):
         return torch.maximum(torch.minimum(value, self.high), self.low)
 
     # ---- moments ------------------------------------------------------------------------------------
-    def _phi_terms(self):
-        """(sign, E[Z'], E[Z'²] − 1 correction term, log Z) shared by mean, variance and entropy."""
-        sign, lo, hi, log_z = self._stable()
+    def _moments(self):
+        """(mean, variance, entropy), each from the tail-case forms where b' ≤ 0 and otherwise from
+
+        E[Z'] = (φ(a') − φ(b'))/Z, Var[Z'] = 1 + (a'φ(a') − b'φ(b'))/Z − E[Z']² and
+        H = ½ log(2πe) + log scale + log Z + (a'φ(a') − b'φ(b'))/(2Z).
+        """
+        sign, lo, hi, log_z, tail, u, big_l, mean_y, var_y, near = self._terms()
+        # the other case, fed a stand-in interval where the tail case applies
+        lo = torch.where(tail, -torch.ones_like(lo), lo)
+        hi = torch.where(tail, torch.ones_like(hi), hi)
+        log_z = torch.where(tail, torch.zeros_like(log_z), log_z)
         ratio_lo = torch.exp(_log_phi(lo) - log_z)  # φ(a')/Z, zero when a' = −∞
         ratio_hi = torch.exp(_log_phi(hi) - log_z)
         mean_std = ratio_lo - ratio_hi
         # a'φ(a')/Z − b'φ(b')/Z with 0·∞ read as 0 at infinite bounds
         lo_term = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)) * ratio_lo
         hi_term = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi)) * ratio_hi
-        return sign, mean_std, lo_term - hi_term, log_z
+        second = lo_term - hi_term
+        mean = self.loc + self.scale * sign * mean_std
+        variance = self.scale**2 * (1 + second - mean_std**2)
+        entropy = _HALF_LOG_2PI + 0.5 + torch.log(self.scale) + log_z + 0.5 * second
+        # tail case: Z' = b' − Y, so the mean sits E[Y] inside the near bound
+        near = torch.where(tail, near, torch.zeros_like(near))
+        mean_tail = near - self.scale * sign * mean_y
+        variance_tail = self.scale**2 * var_y
+        entropy_tail = _HALF_LOG_2PI + torch.log(self.scale) + big_l + u * mean_y + 0.5 * (var_y + mean_y**2)
+        return (
+            torch.where(tail, mean_tail, mean),
+            torch.where(tail, variance_tail, variance).clamp(min=0),
+            torch.where(tail, entropy_tail, entropy),
+        )
 
     @property
     def mean(self):
-        sign, mean_std, _, _ = self._phi_terms()
-        return self.loc + self.scale * sign * mean_std
+        return self._moments()[0]
 
     @property
     def variance(self):
-        _, mean_std, second, _ = self._phi_terms()
-        return (self.scale**2 * (1 + second - mean_std**2)).clamp(min=0)
+        return self._moments()[1]
 
     def entropy(self):
-        _, _, second, log_z = self._phi_terms()
-        return _HALF_LOG_2PI + 0.5 + torch.log(self.scale) + log_z + 0.5 * second
+        return self._moments()[2]
 
 
 @register_kl(TruncatedNormal, TruncatedNormal)

@@ -21,6 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
+from pvae.utils import write_atomically
+
 __all__ = [
     "latent_projection",
     "plot_comparison",
@@ -39,26 +41,16 @@ def _check_path(path) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".png"):
         raise ValueError(f"path must name a .png file, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"path must name a .png file, not a folder: {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     return path
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(temporary_path)`` and rename the result to ``path``."""
-    temporary = f"{path}.{os.getpid()}.tmp.png"
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
-
-
 def _save_figure(figure: Figure, path: str) -> str:
     FigureCanvasAgg(figure)
-    return _write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    return write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
 
 
 # ---- image grids -----------------------------------------------------------------------------------------
@@ -105,7 +97,7 @@ def save_image_grid(images, path, nrow: int = 8, image_shape: tuple[int, ...] = 
     if int(nrow) < 1:
         raise ValueError(f"nrow must be ≥ 1, got {nrow!r}")
     grid = make_grid(_as_images(images, image_shape), nrow=int(nrow), padding=padding, pad_value=1.0)
-    return _write_atomically(path, lambda temporary: save_image(grid, temporary, format="png"))
+    return write_atomically(path, lambda handle: save_image(grid, handle, format="png"))
 
 
 def plot_reconstructions(
@@ -141,7 +133,7 @@ def plot_reconstructions(
         blank = torch.ones((pad, *originals.shape[1:]))
         rows += [originals[start:stop], blank, reconstructions[start:stop], blank]
     grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
-    return _write_atomically(path, lambda temporary: save_image(grid, temporary, format="png"))
+    return write_atomically(path, lambda handle: save_image(grid, handle, format="png"))
 
 
 # ---- curves ----------------------------------------------------------------------------------------------
@@ -241,9 +233,10 @@ def latent_projection(z: torch.Tensor) -> tuple[torch.Tensor, tuple[str, str], s
     if z.shape[1] == 2:
         return z, ("$z_1$", "$z_2$"), ""
     centred = z - z.mean(0)
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=True)  # vh: (z_dim, z_dim), also for N < 2
     points = centred @ vh[:2].T  # (N, 2): scores on the first two principal components
-    share = float((singular[:2].square().sum() / singular.square().sum()).clamp(max=1))
+    total = singular.square().sum()
+    share = float((singular[:2].square().sum() / total).clamp(max=1)) if total > 0 else 0.0
     note = f"first two principal components of z ({z.shape[1]}-d, {share:.0%} of variance)"
     return points, ("PC 1", "PC 2"), note
 
@@ -330,7 +323,7 @@ def plot_latent_manifold(
     if not isinstance(images, torch.Tensor) or images.shape[0] != grid * grid:
         raise ValueError(f"decode_fn must return a tensor with {grid * grid} images (one per code)")
     grid_image = make_grid(_as_images(images, image_shape, "decoded images"), nrow=grid, padding=1)
-    return _write_atomically(path, lambda temporary: save_image(grid_image, temporary, format="png"))
+    return write_atomically(path, lambda handle: save_image(grid_image, handle, format="png"))
 
 
 # ---- posterior comparisons -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
-from pvae.plots import _check_path, _save_figure, _write_atomically
+from pvae.plots import _check_path, _save_figure
+from pvae.utils import write_atomically
 
 __all__ = ["moving_average", "plot_chain_2d", "plot_chain_strip", "plot_elbo_terms", "plot_samples_2d"]
 
@@ -113,7 +114,7 @@ def plot_chain_strip(states, times, path, num_rows: int = 8):
         raise ValueError(f"num_rows must be ≥ 1, got {num_rows!r}")
     tiles = states[:, :rows].transpose(0, 1).reshape(-1, *states.shape[2:])  # row-major: sample, time
     grid = make_grid(((tiles + 1) / 2).clamp(0, 1), nrow=states.shape[0], padding=2, pad_value=1.0)
-    return _write_atomically(path, lambda temporary: save_image(grid, temporary, format="png"))
+    return write_atomically(path, lambda handle: save_image(grid, handle, format="png"))
 
 
 def plot_elbo_terms(terms: dict, path, title: str | None = None):

@@ -7,14 +7,19 @@ in its own module, e.g. :mod:`pvae.cli.diffusion`); ``demo`` in :mod:`pvae.cli.d
 section of ``DEMO_SECTIONS`` and writes ``DIR/report.md``. Commands that print results accept ``--json``
 (stdout then carries only JSON; progress bars go to stderr and are silent when stderr is not a terminal)
 and ``--device``.
+
+Errors are one line on stderr, ``pvae: error: …``, never a traceback: exit status 2 for a bad argument
+(argparse's convention), 1 for a failure at run time (a malformed checkpoint, a diverging run, a file that
+cannot be written). ``pvae --debug …`` or the environment variable ``PVAE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pvae.cli.common import DemoContext
+from pvae.cli.common import DemoContext, UsageError
 from pvae.cli.demo import DEMO_SECTIONS, register_demo
 from pvae.cli.diffusion import demo_diffusion, demo_diffusion_digits
 from pvae.cli.toy import demo_mixture, demo_toy, register_toy
@@ -26,11 +31,21 @@ DEMO_SECTIONS += [demo_toy, demo_mixture, demo_autoencoders, demo_diffusion, dem
 _REGISTRARS = [register_demo, register_toy, register_train, register_evaluate, register_sample]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``pvae: error: …``, exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"pvae: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pvae",
         description="Latent-variable generative models as Pyro model/guide pairs: exact toys, a one-hot "
         "mixture, autoencoders, VAEs and diffusion, fitted by SVI.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or set PVAE_DEBUG=1)"
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _REGISTRARS:
@@ -38,10 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error as one line: OSErrors as 'what: file', others as their message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        text = f"{error.strerror}{where}"
+    else:
+        text = str(error) or type(error).__name__
+    text = " ".join(text.split("\n", 1)[0].split())
+    return text if len(text) <= 500 else text[:497] + "…"
+
+
+# What a user's input or machine can cause; anything else is reported as unexpected, with its type.
+_EXPECTED = (ValueError, TypeError, OSError, FloatingPointError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``pvae`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # argparse: --help (0) or a bad argument (2, one line printed)
+        return int(exit_request.code or 0)
+    debug = args.debug or os.environ.get("PVAE_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        print(f"pvae {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("pvae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the command line's boundary: one line, never a traceback
+        if debug:
+            raise
+        message = _one_line(error)
+        if not isinstance(error, _EXPECTED):
+            message = f"{message} (an unexpected {type(error).__name__}; pvae --debug shows where)"
+        print(f"pvae: error: {message}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1

@@ -4,24 +4,111 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 
-# ---- shared helpers ------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# ---- errors and argument types ------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A bad command-line argument found after parsing: ``pvae: error: …`` and exit status 2."""
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high:,}], got {text}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+TORCHVISION_DATASETS = ("mnist", "fashion-mnist")  # read from --data-root (or downloaded), not shipped
+MAX_COUNT = 10**7  # images, points, samples or steps one flag may ask for
+positive_int = bounded_int(1, MAX_COUNT)
+non_negative_int = bounded_int(0, 2**63 - 1)
+
+
+def bounded_float(low: float, high: float, *, low_open: bool = True, high_open: bool = False):
+    """An argparse type: a finite number in the interval between ``low`` and ``high``."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+positive_float = bounded_float(0.0, 1e300)
+
+
+def device_from_args(args):
+    """``--device`` as a ``torch.device``; a bad value is a :class:`UsageError`."""
+    from pvae.utils import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as error:
+        raise UsageError(f"--device: {error}") from None
+
+
+def _os_problem(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+def prepare_out_folder(out: str, option: str = "--out") -> str:
+    """Create the output folder if needed and make sure files can be written there, before any work.
+
+    :raises UsageError: when ``out`` is a file, lies under a file, or cannot be created or written.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"{option} {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"{option} {out}: cannot write there ({_os_problem(error)})") from None
+    return out
+
+
+def check_out_file(path: str, option: str = "--out", *, overwrite: bool = False, suffix: str = ".png") -> str:
+    """Check that ``path`` names a new ``suffix`` file in a folder that can be written (created if needed).
+
+    :raises UsageError: for a folder, another suffix, an existing file (unless ``overwrite``), or a folder
+        that cannot be created or written.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a folder; name a FILE{suffix}")
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"{option} must name a {suffix} file, got {path}")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"{option} {path} already exists; pass --overwrite to replace it")
+    prepare_out_folder(os.path.dirname(os.path.abspath(path)), option)
+    return path
 
 
 def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -37,27 +124,65 @@ def print_json(payload) -> None:
 
 
 # ---- the training flow shared by `pvae train` for every family -------------------------------------------
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--resume``, ``--overwrite`` and ``--allow-changes``: where a run lives and what may
+    happen to a run already there."""
+    parser.add_argument("--out", default=None, help="output folder (default runs/<family>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in DIR/checkpoint.pt")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the output folder"
+    )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue although the objective, learning rate or data settings differ from "
+        "the saved run's (the change is recorded in the history)",
+    )
+
+
 def start_run(args, default_out: str):
-    """Resolve ``--device``, create the output folder (``--out`` or ``default_out``) and seed everything.
+    """Check ``--device`` and the output folder (``--out`` or ``default_out``) before any work, and seed
+    everything. A folder that already holds a run is used only with ``--resume`` or ``--overwrite``.
 
     Returns ``(device, out)``."""
-    from pvae.utils import resolve_device, seed_everything
+    from pvae.utils import seed_everything
 
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     out = args.out or default_out
-    os.makedirs(out, exist_ok=True)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes goes with --resume")
+    prepare_out_folder(out)
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(checkpoint) and not (args.resume or args.overwrite):
+        raise UsageError(
+            f"{out} already holds a run ({checkpoint}): pass --resume to continue it, --overwrite to replace "
+            "it, or --out to choose another folder"
+        )
+    if args.resume and not os.path.exists(checkpoint):
+        print(f"pvae: no checkpoint in {out}: starting a new run", file=sys.stderr)
     seed_everything(args.seed)
     return device, out
 
 
+def write_history(history, path: str) -> None:
+    """``history.json``, written atomically (readers never see half a file)."""
+    from pvae.utils import write_atomically
+
+    write_atomically(path, lambda handle: json.dump(history.to_dict(), handle), binary=False)
+
+
 def train_and_record(family, args, train_loader, test_loader, out: str, metadata: dict, **options):
     """Train ``family`` with the options every family shares (epochs, objective, learning rate and its
-    decay, seed, progress, checkpoint in ``out`` and ``--resume``), write ``out/history.json`` and switch the
-    family to evaluation mode. ``metadata`` joins the checkpoint's record of the data; ``options`` go to
-    :func:`pvae.inference.train`. Returns ``(history, checkpoint path)``."""
+    decay, seed, progress, checkpoint in ``out``, ``--resume``/``--overwrite``/``--allow-changes``), write
+    ``out/history.json`` after every epoch and switch the family to evaluation mode. ``metadata`` joins
+    the checkpoint's record of the data; ``options`` go to :func:`pvae.inference.train`. Returns
+    ``(history, checkpoint path)``."""
     from pvae.inference import train
 
     checkpoint = os.path.join(out, "checkpoint.pt")
+    history_path = os.path.join(out, "history.json")
     history = train(
         family,
         train_loader,
@@ -68,16 +193,44 @@ def train_and_record(family, args, train_loader, test_loader, out: str, metadata
         lr_end=args.lr_end,
         checkpoint=checkpoint,
         resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
         seed=args.seed,
         progress=not args.json,
-        metadata={"dataset": args.dataset, "data_root": args.data_root, "batch_size": args.batch_size}
-        | metadata,
+        metadata={"dataset": args.dataset, "batch_size": args.batch_size} | metadata,
+        callback=lambda epoch, history: write_history(history, history_path),
         **options,
     )
-    with open(os.path.join(out, "history.json"), "w") as handle:
-        json.dump(history.to_dict(), handle)
     family.eval()
     return history, checkpoint
+
+
+def saved_setting(checkpoint: dict, key: str, accepted, default=None):
+    """A ``train_config`` entry of a validated checkpoint that a command uses, checked against
+    ``accepted`` (a tuple of values, or a predicate); a :class:`~pvae.checkpoint.CheckpointError` names it."""
+    from pvae.checkpoint import CheckpointError
+
+    value = checkpoint["train_config"].get(key, default)
+    ok = accepted(value) if callable(accepted) else value in accepted
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "…"
+        described = getattr(accepted, "__doc__", None) if callable(accepted) else f"one of {accepted}"
+        raise CheckpointError(
+            checkpoint["source"], f"train_config.{key}", f"must be {described}, got {shown}"
+        )
+    return value
+
+
+def optional_count(value) -> bool:
+    """None or an integer in [1, 10,000,000]"""
+    return value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT
+    )
+
+
+def optional_seed(value) -> bool:
+    """None or a non-negative integer below 2**63"""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63)
 
 
 def run_summary(history, checkpoint: str, pictures: dict, **fields) -> dict:
@@ -91,6 +244,36 @@ def run_summary(history, checkpoint: str, pictures: dict, **fields) -> dict:
         "checkpoint": checkpoint,
         "pictures": pictures,
     }
+
+
+def open_checkpoint(args, families: tuple[str, ...], command: str, why_not: dict[str, str] | None = None):
+    """The validated checkpoint and its family, rebuilt on ``--device``, for a command that handles
+    ``families`` (``why_not``: the reason given for a family it does not handle)."""
+    from pvae.checkpoint import build_from_checkpoint, load_checkpoint
+
+    device = device_from_args(args)
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist (or is not a file)")
+    checkpoint = load_checkpoint(args.checkpoint)
+    name = checkpoint["family"]["name"]
+    if name not in families:
+        reason = (why_not or {}).get(name, f"pvae {command} handles {', '.join(families)} checkpoints")
+        raise UsageError(f"{args.checkpoint} holds a {name!r}: {reason}")
+    return checkpoint, build_from_checkpoint(checkpoint, device)
+
+
+def checked_data_settings(args, checkpoint: dict, datasets: tuple[str, ...]):
+    """``(dataset, num_test, seed)`` of the run, from the checkpoint (validated), the data folder from the
+    command line only."""
+    dataset = saved_setting(checkpoint, "dataset", datasets, default="mnist5k")
+    num_test = args.num_test or saved_setting(checkpoint, "num_test", optional_count)
+    seed = saved_setting(checkpoint, "seed", optional_seed) or 0
+    if dataset in TORCHVISION_DATASETS and args.data_root is None and not args.download:
+        raise UsageError(
+            f"{args.checkpoint} was trained on {dataset}: pass --data-root FOLDER holding its files (with "
+            "--download to fetch them there)"
+        )
+    return dataset, num_test, seed
 
 
 @dataclass

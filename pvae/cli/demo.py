@@ -7,7 +7,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from pvae.cli.common import DemoContext, add_common
+from pvae.cli.common import DemoContext, add_common, device_from_args, prepare_out_folder
+from pvae.utils import write_atomically
 
 #: Sections of ``pvae demo``, in report order. Each takes a DemoContext and returns Markdown (or "").
 DEMO_SECTIONS: list[Callable[[DemoContext], str]] = []  # filled below, next to each family's commands
@@ -24,7 +25,8 @@ def register_demo(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    os.makedirs(args.out, exist_ok=True)
+    device_from_args(args)
+    prepare_out_folder(args.out)
     context = DemoContext(out=args.out, quick=args.quick, device=args.device, seed=args.seed)
     parts = ["# pvae demo report", ""]
     timings = []
@@ -37,9 +39,10 @@ def _run_demo(args) -> int:
             timings.append((section.__name__.removeprefix("demo_"), time.perf_counter() - start))
     parts += ["## Timings", "", "| section | seconds |", "| --- | ---: |"]
     parts += [f"| {name} | {seconds:.1f} |" for name, seconds in timings]
-    path = os.path.join(args.out, "report.md")
-    with open(path + ".tmp", "w") as handle:
-        handle.write("\n".join(parts) + "\n")
-    os.replace(path + ".tmp", path)
+    path = write_atomically(
+        os.path.join(args.out, "report.md"),
+        lambda handle: handle.write("\n".join(parts) + "\n"),
+        binary=False,
+    )
     print(f"wrote {path}", file=sys.stderr)
     return 0

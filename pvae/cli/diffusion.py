@@ -7,7 +7,21 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pvae.cli.common import DemoContext, positive_int, print_json, run_summary, start_run, train_and_record
+from pvae.cli.common import (
+    DemoContext,
+    UsageError,
+    bounded_float,
+    bounded_int,
+    checked_data_settings,
+    optional_count,
+    optional_seed,
+    positive_int,
+    print_json,
+    run_summary,
+    saved_setting,
+    start_run,
+    train_and_record,
+)
 
 # ---- diffusion (DDPM): train, evaluate, sample, demo -----------------------------------------------------
 DIFFUSION_ONLY_DATASETS = ("two-moons",)
@@ -16,7 +30,7 @@ DIFFUSION_ONLY_DATASETS = ("two-moons",)
 def add_train_options(parser) -> None:
     group = parser.add_argument_group("ddpm options")
     group.add_argument(
-        "--timesteps", type=positive_int, default=1000, help="T, diffusion steps (default 1000)"
+        "--timesteps", type=bounded_int(1, 100_000), default=1000, help="T, diffusion steps (default 1000)"
     )
     group.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="default linear")
     group.add_argument(
@@ -27,7 +41,7 @@ def add_train_options(parser) -> None:
     )
     group.add_argument(
         "--ema-decay",
-        type=float,
+        type=bounded_float(0.0, 1.0, low_open=False, high_open=True),
         default=None,
         help="EMA of the weights for sampling/evaluation, 0 = off (default 0.999 for images, off for 2-D)",
     )
@@ -50,8 +64,15 @@ def add_train_options(parser) -> None:
 
 def add_sample_options(parser) -> None:
     group = parser.add_argument_group("ddpm options")
-    group.add_argument("--steps", type=positive_int, default=None, help="DDIM with this many steps")
-    group.add_argument("--eta", type=float, default=None, help="DDIM noise scale η (default 0 with --steps)")
+    group.add_argument(
+        "--steps", type=bounded_int(1, 100_000), default=None, help="DDIM with this many steps"
+    )
+    group.add_argument(
+        "--eta",
+        type=bounded_float(0.0, 1e6, low_open=False),
+        default=None,
+        help="DDIM noise scale η ≥ 0 (default 0 with --steps)",
+    )
     group.add_argument("--clip", action="store_true", help="clip the implied x̂_0 to [−1, 1] (images)")
     group.add_argument("--chain", default=None, help="also write the chain x_T → x_0 to this FILE.png")
 
@@ -62,7 +83,9 @@ def is_diffusion(family) -> bool:
     return isinstance(family, DDPM)
 
 
-def diffusion_data(dataset: str, split: str, root: str | None, limit: int | None, seed: int):
+def diffusion_data(
+    dataset: str, split: str, root: str | None, limit: int | None, seed: int, download: bool = True
+):
     """Model-space data: two-moons points (N, 2) (seeded per split) or images (N, 1, 28, 28) in [−1, 1]."""
     import torch
 
@@ -72,7 +95,7 @@ def diffusion_data(dataset: str, split: str, root: str | None, limit: int | None
         count = limit or (4000 if split == "train" else 1000)
         generator = torch.Generator().manual_seed(seed * 2 + (split == "test"))
         return two_moons(count, noise=0.05, generator=generator)
-    pixels = load_images(dataset, split, root=root).pixels
+    pixels = load_images(dataset, split, root=root, download=download).pixels
     if limit is not None and limit < pixels.shape[0]:  # a seeded class-mixed subset, in file order
         index = torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
         pixels = pixels[index.sort().values]
@@ -130,28 +153,33 @@ def run_train(args) -> int:
 def _train_ddpm(args) -> int:
 
     from pvae.data import BatchLoader
-    from pvae.models.diffusion import DDPM
+    from pvae.family import build_family, family_class
 
     if args.objective == "iwae":
-        raise ValueError("--objective iwae is not offered for ddpm: use elbo, meanfield or simple")
+        raise UsageError("--objective iwae is not offered for ddpm: use elbo, meanfield or simple")
     if args.engine != "eager" or args.jit:
-        raise ValueError(
+        raise UsageError(
             "ddpm draws a timestep per step, which changes the program's structure: use --engine eager "
             "without --jit"
         )
     device, out = start_run(args, os.path.join("runs", "ddpm"))
     train_x = diffusion_data(args.dataset, "train", args.data_root, args.num_train, args.seed)
     test_x = diffusion_data(args.dataset, "test", args.data_root, args.num_test, args.seed)
-    family = DDPM(
-        data_shape=tuple(train_x.shape[1:]),
-        timesteps=args.timesteps,
-        schedule=args.schedule,
-        reverse_variance=args.reverse_variance,
-        ema_decay=args.ema_decay,
-        hidden_dim=args.hidden_dim or 128,
-        channels=tuple(args.channels),
-        time_sampling=args.time_sampling,
-    ).to(device)
+    settings = {
+        "data_shape": tuple(train_x.shape[1:]),
+        "timesteps": args.timesteps,
+        "schedule": args.schedule,
+        "reverse_variance": args.reverse_variance,
+        "hidden_dim": args.hidden_dim or 128,
+        "channels": tuple(args.channels),
+        "time_sampling": args.time_sampling,
+    }
+    if args.ema_decay is not None:
+        settings["ema_decay"] = args.ema_decay
+    try:
+        family = build_family(family_class("ddpm"), settings).to(device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     train_loader = BatchLoader(train_x.to(device), batch_size=args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test_x.to(device), batch_size=250, shuffle=False)
     history, checkpoint = train_and_record(
@@ -176,7 +204,8 @@ def _train_ddpm(args) -> int:
     if args.json:
         print_json(summary)
         return 0
-    label = "−L_simple" if history.objective == "simple" else f"ELBO ({history.objective}, one t per batch)"
+    per = "one t per batch" if args.time_sampling == "plate" else "one t per datum"
+    label = "−L_simple" if history.objective == "simple" else f"ELBO ({history.objective}, {per})"
     print(
         f"ddpm on {args.dataset} ({train_x.shape[0]} train / {test_x.shape[0]} test), T = {args.timesteps}, "
         f"{history.epochs} epochs: train {label} {summary['train_objective_per_datum']:.3f}, test "
@@ -188,19 +217,26 @@ def _train_ddpm(args) -> int:
     return 0
 
 
-def evaluate(args, family, config) -> int:
+def evaluate(args, family, checkpoint: dict) -> int:
     """Per-datum ELBO with all T terms (closed-form KLs) on the test split, and bits per dimension."""
     import math
 
     import torch
 
+    from pvae.data import IMAGE_DATASETS
     from pvae.utils import seed_everything
 
-    dataset = config.get("dataset", "mnist5k")
-    num_test = args.num_test or config.get("num_test")
-    test_x = diffusion_data(dataset, "test", args.data_root or config.get("data_root"), num_test, 0)
-    if dataset == "two-moons":  # regenerate the run's own test points
-        test_x = diffusion_data(dataset, "test", None, num_test, int(config.get("seed") or 0))
+    datasets = IMAGE_DATASETS + DIFFUSION_ONLY_DATASETS
+    dataset, num_test, seed = checked_data_settings(args, checkpoint, datasets)
+    # two moons: the run's own test points, regenerated from its seed
+    test_x = diffusion_data(
+        dataset, "test", args.data_root, num_test, seed if dataset == "two-moons" else 0, args.download
+    )
+    if tuple(test_x.shape[1:]) != tuple(family.data_shape):
+        raise UsageError(
+            f"{args.checkpoint} holds a DDPM of data shape {tuple(family.data_shape)}, but its data set "
+            f"{dataset} has shape {tuple(test_x.shape[1:])}"
+        )
     seed_everything(args.seed)
     started = time.perf_counter()
     elbo = torch.cat(
@@ -241,11 +277,10 @@ def evaluate(args, family, config) -> int:
     return 0
 
 
-def sample(args, family) -> int:
+def sample(args, family, checkpoint: dict) -> int:
     import torch
 
     from pvae import plots, plots_diffusion
-    from pvae.checkpoint import load_checkpoint
     from pvae.data import from_model_space
 
     generator = torch.Generator(device=family.device).manual_seed(args.seed)
@@ -262,12 +297,11 @@ def sample(args, family) -> int:
         if args.chain:
             plots_diffusion.plot_chain_strip(chain.states.cpu(), chain.times, args.chain)
     else:
-        config = load_checkpoint(args.checkpoint)["train_config"]
         data = chain.samples.cpu()
-        if config.get("dataset") == "two-moons":
-            data = diffusion_data(
-                "two-moons", "test", None, config.get("num_test"), int(config.get("seed") or 0)
-            )
+        if checkpoint["train_config"].get("dataset") == "two-moons":  # the run's test points, for reference
+            num_test = saved_setting(checkpoint, "num_test", optional_count)
+            seed = saved_setting(checkpoint, "seed", optional_seed) or 0
+            data = diffusion_data("two-moons", "test", None, num_test, seed)
         path = plots_diffusion.plot_samples_2d(chain.samples.cpu(), data, args.out)
         if args.chain:
             plots_diffusion.plot_chain_2d(chain.states.cpu(), chain.times, args.chain, data=data)

@@ -8,10 +8,19 @@ import sys
 from pvae.cli import diffusion
 from pvae.cli.common import (
     DemoContext,
+    UsageError,
     add_common,
+    add_run_options,
+    bounded_float,
+    bounded_int,
+    check_out_file,
+    checked_data_settings,
+    open_checkpoint,
+    positive_float,
     positive_int,
     print_json,
     run_summary,
+    saved_setting,
     start_run,
     train_and_record,
 )
@@ -43,10 +52,10 @@ def register_train(subparsers) -> None:
     parser.add_argument("--num-test", type=positive_int, default=None, help="test images to use")
     parser.add_argument("--epochs", type=positive_int, default=10, help="default 10")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="default 128")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument(
         "--lr-end",
-        type=float,
+        type=positive_float,
         default=None,
         help="decay the learning rate geometrically per step from --lr to this at the last step (default: "
         "constant)",
@@ -62,17 +71,24 @@ def register_train(subparsers) -> None:
         help="VAE likelihood: bernoulli on binarized digits (default) or gaussian on grey levels",
     )
     parser.add_argument(
-        "--scale", type=float, default=None, help="Gaussian likelihood std (default: the family's)"
+        "--scale", type=positive_float, default=None, help="Gaussian likelihood std (default: the family's)"
     )
     parser.add_argument("--corruption", choices=("mask", "gaussian"), default="mask", help="DAE corruption")
-    parser.add_argument("--noise", type=float, default=0.25, help="DAE masking probability or noise std")
+    parser.add_argument(
+        "--noise",
+        type=bounded_float(0.0, 1e300, low_open=False),
+        default=0.25,
+        help="DAE masking probability (in [0, 1)) or noise std (default 0.25)",
+    )
     parser.add_argument(
         "--objective",
         choices=("elbo", "meanfield", "iwae", "simple"),
         default="elbo",
         help="default elbo (Trace_ELBO); meanfield: closed-form KLs; ddpm: simple = L_simple (not an ELBO)",
     )
-    parser.add_argument("--num-particles", type=positive_int, default=1, help="k of IWAE-k (default 1)")
+    parser.add_argument(
+        "--num-particles", type=bounded_int(1, 10_000), default=1, help="k of IWAE-k (default 1)"
+    )
     parser.add_argument(
         "--engine",
         choices=ENGINE_CHOICES,
@@ -80,20 +96,21 @@ def register_train(subparsers) -> None:
         help="eager (default), trace (replay a recorded graph of the step) or compile (torch.compile it)",
     )
     parser.add_argument("--jit", action="store_true", help="Pyro's JitTrace_ELBO (TorchScript)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<family>)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if present")
+    add_run_options(parser)
     diffusion.add_train_options(parser)
     add_common(parser)
     parser.set_defaults(run=_run_train)
 
 
-def _image_split(dataset: str, split: str, root: str | None, limit: int | None, seed: int):
+def _image_split(
+    dataset: str, split: str, root: str | None, limit: int | None, seed: int, download: bool = True
+):
     """Flattened grey levels (N, 784) and labels of a split, optionally a seeded class-mixed subset."""
     import torch
 
     from pvae.data import load_images
 
-    images = load_images(dataset, split, root=root)
+    images = load_images(dataset, split, root=root, download=download)
     x, labels = images.flat(), images.labels
     if limit is not None and limit < x.shape[0]:
         index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
@@ -114,25 +131,20 @@ def _test_loader(x, labels, binarize: str | None, device, batch_size: int = 100)
 
 
 def _build_autoencoder(kind: str, args):
-    from pvae.models.ae import AE, DAE
-    from pvae.models.vae import VAE
+    """The AE, DAE or VAE the flags ask for, built by :func:`pvae.family.build_family` (checked, sized)."""
+    from pvae.family import build_family, family_class
 
-    scale = {} if args.scale is None else {"scale": args.scale}
-    args.hidden_dim = args.hidden_dim or 400
+    kwargs = {"x_dim": 784, "z_dim": args.z_dim, "hidden_dim": args.hidden_dim or 400}
+    if args.scale is not None:
+        kwargs["scale"] = args.scale
     if kind == "vae":
-        return VAE(
-            x_dim=784, z_dim=args.z_dim, hidden_dim=args.hidden_dim, likelihood=args.likelihood, **scale
-        )
-    if kind == "ae":
-        return AE(x_dim=784, hidden_dim=args.hidden_dim, z_dim=args.z_dim, **scale)
-    return DAE(
-        x_dim=784,
-        hidden_dim=args.hidden_dim,
-        z_dim=args.z_dim,
-        corruption=args.corruption,
-        noise=args.noise,
-        **scale,
-    )
+        kwargs["likelihood"] = args.likelihood
+    if kind == "dae":
+        kwargs |= {"corruption": args.corruption, "noise": args.noise}
+    try:
+        return build_family(family_class(kind), kwargs)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _is_autoencoder(family) -> bool:
@@ -178,20 +190,17 @@ def _autoencoder_pictures(family, x, labels, history, out: str, prefix: str = ""
 def _run_train(args) -> int:
     from pvae.data import BatchLoader
 
-    if not (args.lr > 0 and args.lr < float("inf")):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.lr_end is not None and not (args.lr_end > 0 and args.lr_end < float("inf")):
-        raise ValueError(f"--lr-end must be a finite number > 0, got {args.lr_end}")
     if args.family == "ddpm":
         return diffusion.run_train(args)
     if args.dataset in diffusion.DIFFUSION_ONLY_DATASETS or args.objective == "simple":
-        raise ValueError(f"--dataset {args.dataset} and --objective simple are for ddpm only")
+        raise UsageError(f"--dataset {args.dataset} and --objective simple are for ddpm only")
     if args.family != "vae" and args.objective != "elbo":
-        raise ValueError(
+        raise UsageError(
             f"--objective {args.objective} needs a guide with a density; {args.family} has a point-mass "
             "guide (use the default elbo)"
         )
     device, out = start_run(args, os.path.join("runs", args.family))
+    family = _build_autoencoder(args.family, args).to(device)
     train_x, _ = _image_split(args.dataset, "train", args.data_root, args.num_train, args.seed)
     test_x, test_labels = _image_split(args.dataset, "test", args.data_root, args.num_test, args.seed)
     binarize = _binarization(args.family, args.likelihood)
@@ -199,7 +208,6 @@ def _run_train(args) -> int:
         train_x.to(device), batch_size=args.batch_size, binarize=binarize, seed=args.seed
     )
     test_loader = _test_loader(test_x, test_labels, binarize, device)
-    family = _build_autoencoder(args.family, args).to(device)
     history, checkpoint = train_and_record(
         family,
         args,
@@ -252,29 +260,39 @@ def register_evaluate(subparsers) -> None:
     parser.add_argument(
         "--num-test", type=positive_int, default=None, help="test images (default: as trained)"
     )
-    parser.add_argument("--data-root", default=None, help="folder for mnist/fashion-mnist files")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding mnist/fashion-mnist files (needed for checkpoints trained on those; never "
+        "taken from the checkpoint)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="let torchvision download mnist/fashion-mnist into --data-root",
+    )
     add_common(parser)
     parser.set_defaults(run=_run_evaluate)
+
+
+# Families each command handles; any other registered family in a checkpoint is refused by name.
+_EVALUATES = AUTOENCODERS + ("ddpm",)
 
 
 def _run_evaluate(args) -> int:
     import math
 
-    from pvae.checkpoint import load, load_checkpoint
+    from pvae.data import IMAGE_DATASETS
     from pvae.inference import evaluate_log_likelihood
-    from pvae.utils import resolve_device, seed_everything
+    from pvae.utils import seed_everything
 
-    device = resolve_device(args.device)
-    config = load_checkpoint(args.checkpoint)["train_config"]
-    family = load(args.checkpoint, device=device)
+    checkpoint, family = open_checkpoint(args, _EVALUATES, "evaluate")
     if diffusion.is_diffusion(family):
-        return diffusion.evaluate(args, family, config)
-    dataset = config.get("dataset", "mnist5k")
-    num_test = args.num_test or config.get("num_test")
-    test_x, test_labels = _image_split(
-        dataset, "test", args.data_root or config.get("data_root"), num_test, 0
-    )
-    loader = _test_loader(test_x, test_labels, config.get("binarize"), device)
+        return diffusion.evaluate(args, family, checkpoint)
+    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
+    binarize = saved_setting(checkpoint, "binarize", (None, "static", "dynamic"))
+    test_x, test_labels = _image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
+    loader = _test_loader(test_x, test_labels, binarize, family.device)
     seed_everything(args.seed)
     if _is_autoencoder(family):
         import torch
@@ -313,9 +331,12 @@ def register_sample(subparsers) -> None:
         "sample", help="draw images from a trained VAE's prior and save them as a grid"
     )
     parser.add_argument("checkpoint", help="a checkpoint.pt written by pvae train")
-    parser.add_argument("-n", "--num", type=positive_int, default=64, help="number of images (default 64)")
+    parser.add_argument(
+        "-n", "--num", type=bounded_int(1, 100_000), default=64, help="number of images (default 64)"
+    )
     parser.add_argument("--out", required=True, help="destination FILE.png")
-    parser.add_argument("--nrow", type=positive_int, default=8, help="images per row (default 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (and --chain) if they exist")
+    parser.add_argument("--nrow", type=bounded_int(1, 1000), default=8, help="images per row (default 8)")
     diffusion.add_sample_options(parser)
     add_common(parser, json_output=False)
     parser.set_defaults(run=_run_sample)
@@ -325,17 +346,15 @@ def _run_sample(args) -> int:
     import torch
 
     from pvae import plots
-    from pvae.checkpoint import load
-    from pvae.utils import resolve_device
 
-    device = resolve_device(args.device)
-    family = load(args.checkpoint, device=device)
+    check_out_file(args.out, overwrite=args.overwrite)
+    if getattr(args, "chain", None):
+        check_out_file(args.chain, "--chain", overwrite=args.overwrite)
+    flat = "it has no proper prior to sample from (an autoencoder's prior is flat)"
+    checkpoint, family = open_checkpoint(args, ("vae", "ddpm"), "sample", {"ae": flat, "dae": flat})
     if diffusion.is_diffusion(family):
-        return diffusion.sample(args, family)
-    if _is_autoencoder(family) or not hasattr(family, "sample"):
-        raise ValueError(
-            f"{type(family).__name__} has no proper prior to sample from (an autoencoder's prior is flat)"
-        )
+        return diffusion.sample(args, family, checkpoint)
+    device = family.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = family.sample(args.num, generator=generator)
     path = plots.save_image_grid(images.cpu(), args.out, nrow=args.nrow)

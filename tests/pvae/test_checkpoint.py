@@ -119,7 +119,7 @@ def test_missing_or_foreign_files_give_clear_errors(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["family"]["name"] = "nowhere"
     torch.save(payload, path)
-    with pytest.raises(ckpt.CheckpointError, match="family.name: unknown family 'nowhere'"):
+    with pytest.raises(ckpt.CheckpointError, match=r"family\.name: unknown family 'nowhere'"):
         pvae.load(path)
     with pytest.raises(ValueError, match="device"):
         pvae.load(path, device="tpu")

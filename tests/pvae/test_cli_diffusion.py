@@ -26,7 +26,7 @@ def test_two_moons_train_evaluate_sample(tmp_path, capsys):
     assert summary["family"] == "ddpm" and summary["epochs"] == 2 and summary["objective"] == "meanfield"
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["train_config"]["lr_end"] == 1e-4 and saved["train_config"]["total_steps"] == 8
-    assert saved["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the last step's
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the last step's
     assert all(
         (out / name).exists() for name in ("checkpoint.pt", "samples.png", "chain.png", "training.png")
     )
@@ -67,7 +67,7 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
         (["train", "ddpm", "--dataset", "two-moons", "--objective", "iwae"], "iwae"),
         (["train", "ddpm", "--dataset", "two-moons", "--engine", "trace"], "eager"),
         (["train", "vae", "--dataset", "two-moons"], "ddpm only"),
-        (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "ema_decay"),
+        (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "--ema-decay"),
         (["train", "ddpm", "--dataset", "two-moons", "--lr-end", "0"], "--lr-end"),
     ],
     ids=["iwae", "engine", "vae-moons", "ema", "lr-end"],
