@@ -316,8 +316,8 @@ def train(
         start_epoch = saved["epoch"]
         if start_epoch >= epochs:
             raise ValueError(
-                f"nothing left to train: {source} already holds {start_epoch} epoch(s) and epochs={epochs}; "
-                "ask for more epochs to continue the run"
+                f"nothing left to train: {source} already holds {start_epoch} epoch(s) and the run asks for "
+                f"{epochs} in all; ask for more epochs to continue it"
             )
         rename = param_renamer(saved["family"]["prefix"], family.name)
         step.load_state_dict(saved["optimizer"] or {}, rename=rename, source=source)
@@ -355,15 +355,15 @@ def train(
                 try:
                     losses.append(step(x))
                 except FloatingPointError as error:
-                    kept = (
-                        f"the last good checkpoint ({checkpoint}) is kept"
-                        if checkpoint
-                        else "none is written"
-                    )
+                    if checkpoint is not None and os.path.exists(checkpoint):
+                        kept = f"the last good checkpoint ({os.fspath(checkpoint)}, epoch {epoch}) is kept"
+                    else:
+                        kept = "no checkpoint was written"
+                    detail = str(error).split(";", 1)[0]  # "the loss is nan" or the invalid parameter
                     raise FloatingPointError(
-                        f"the loss became {getattr(error, 'loss', 'non-finite')} at epoch {epoch + 1}, step "
-                        f"{len(losses) + 1} of this epoch; the parameters were not updated and {kept}. Try a "
-                        f"smaller lr (now {step.lr:.3g})."
+                        f"training diverged at epoch {epoch + 1}, step {len(losses) + 1} of this epoch "
+                        f"({detail}); the parameters were not updated and {kept}. Try a smaller lr (now "
+                        f"{step.lr:.3g})."
                     ) from error
                 sizes.append(x.shape[0])
                 now = time.perf_counter()
