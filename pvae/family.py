@@ -49,7 +49,6 @@ MAX_ELEMENTS = 2**31
 
 _REGISTRY: dict[str, type] = {}
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
-_BUILT_INS = "pvae.models"  # the package whose modules register the built-in families on import
 
 
 def register_family(name: str):
@@ -93,9 +92,10 @@ def _class_path(cls: type) -> str:
 
 
 def _load_built_ins() -> None:
-    import importlib
-
-    importlib.import_module(_BUILT_INS)  # a fixed name, never one read from a file
+    """Import the built-in families' package, whose modules register them. (pvae core does not import
+    models at import time; this fixed import, never a name read from a file, lets ``pvae.load`` rebuild a
+    built-in family in a program that has not imported it yet.)"""
+    import pvae.models  # noqa: F401
 
 
 def registered_families() -> dict[str, type]:

@@ -143,3 +143,22 @@ def test_unregistered_families_cannot_be_checkpointed(tmp_path):
 
     with pytest.raises(ValueError, match="not a registered pvae family"):
         ckpt.save_checkpoint(tmp_path / "x.pt", Plain())
+
+
+def test_checkpoints_get_the_usual_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint(tmp_path / "vae.pt", VAE(x_dim=12, z_dim=2, hidden_dim=8))
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_a_built_in_family_loads_in_a_fresh_interpreter_that_never_imported_it(tmp_path):
+    import subprocess
+    import sys
+
+    path = ckpt.save_checkpoint(tmp_path / "vae.pt", VAE(x_dim=12, z_dim=2, hidden_dim=8))
+    code = f"import pvae, sys; family = pvae.load({str(path)!r}); print(type(family).__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "VAE", result.stderr

@@ -86,3 +86,21 @@ def test_train_and_evaluate_on_the_gpu(tmp_path, capsys):
     result = _json(capsys, ["evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cuda", "--json"])
     assert math.isfinite(result["log_likelihood"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["state_dict"]["decoder.0.weight"].device.type == "cpu"
+
+
+def test_history_json_is_rewritten_after_every_epoch(tmp_path, capsys, monkeypatch):
+    from pvae.cli import common
+
+    seen = []
+    write = common.write_history
+
+    def record(history, path):
+        write(history, path)
+        seen.append(json.loads(open(path).read())["train_elbo"])
+
+    monkeypatch.setattr(common, "write_history", record)
+    summary = _json(capsys, ["train", "ae", "--epochs", "2", "--out", str(tmp_path), "--json", *TINY])
+    assert [len(elbos) for elbos in seen] == [1, 2] and seen[1][0] == seen[0][0]
+    assert json.loads((tmp_path / "history.json").read_text())["train_elbo"][-1] == pytest.approx(
+        summary["train_elbo"]
+    )
