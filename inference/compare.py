@@ -311,7 +311,7 @@ def _check_posterior(exact, site: str, guide_site: dict) -> None:
     shape = exact.batch_shape + exact.event_shape
     axis = frame.dim - len(guide_site["fn"].event_shape)
     size = shape[axis] if len(shape) >= -axis else 1
-    if size != frame.size and not (frame.size == 1 and size == 1):
+    if size != frame.size:
         raise ValueError(
             f"posterior returned a distribution of batch shape {tuple(exact.batch_shape)} (event shape "
             f"{tuple(exact.event_shape)}), but site {site!r} lies in the 'data' plate of {frame.size} data "

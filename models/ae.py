@@ -158,7 +158,7 @@ class AE(Family):
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        """Check shape (batch[, length], x_dim) with batch ≥ 1 and finiteness; cast to the parameters' dtype."""
+        """Check shape (batch[, length], x_dim), batch ≥ 1, and finiteness; cast to the parameters' dtype."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():

@@ -106,9 +106,7 @@ class GaussianMixture(Family):
         if x.dim() == 1 and self.data_dim == 1:
             x = x.unsqueeze(-1)
         if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(
-                f"x must have shape (N, {self.data_dim}) (or (N,) for 1-D data), got {shape}"
-            )
+            raise ValueError(f"x must have shape (N, {self.data_dim}) (or (N,) for 1-D data), got {shape}")
         if x.shape[0] == 0:
             raise ValueError(f"x is an empty batch, shape {shape}: a batch needs at least one datum")
         return x

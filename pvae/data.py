@@ -68,14 +68,13 @@ def _as_pixels(name: str, values: torch.Tensor) -> torch.Tensor:
     """``values`` as uint8 pixels, after checking that they are finite integers in 0..255 (``ValueError``)."""
     if values.is_floating_point():
         check_finite(name, values)
-        off_levels = int((values != values.round()).sum())
-    else:
-        off_levels = 0
-    outside = int(((values < 0) | (values > 255)).sum())
-    if off_levels or outside:
+    good = (values >= 0) & (values <= 255)
+    if values.is_floating_point():
+        good &= values == values.round()
+    bad = int((~good).sum())
+    if bad:
         raise ValueError(
-            f"{name} must be integer pixel levels 0..255; {off_levels + outside} of {values.numel()} entries "
-            "are not"
+            f"{name} must be integer pixel levels 0..255; {bad} of {values.numel()} entries are not"
         )
     return values.to(torch.uint8)
 

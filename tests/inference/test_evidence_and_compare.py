@@ -199,3 +199,111 @@ def test_log_evidence_rejects_bad_arguments():
         log_evidence(conjugate_model, shifted_guide, X, num_samples=0)
     with pytest.raises(ValueError, match="proposal"):
         log_evidence(conjugate_model, shifted_guide, X, proposal="posterior")
+
+
+# ---- bad data and bad exact callables --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            torch.tensor(0.7, dtype=torch.float64),
+            r"args\[0\] \(the data, the model's argument 'x'\) is a 0-d",
+        ),
+        (torch.zeros(0, dtype=torch.float64), r"args\[0\] \(the data, the model's argument 'x'\) is empty"),
+        (torch.zeros(0, 3, dtype=torch.float64), r"a batch needs at least one datum"),
+    ],
+    ids=["0-d", "empty", "empty-rows"],
+)
+@pytest.mark.parametrize("estimator", ["compare", "log_evidence"])
+def test_zero_dim_and_empty_data_raise_value_error(estimator, data, message):
+    with pytest.raises(ValueError, match=message) as error:
+        if estimator == "compare":
+            compare(conjugate_model, shifted_guide, data, num_samples=4)
+        else:
+            log_evidence(conjugate_model, shifted_guide, data, num_samples=4)
+    assert r"shape (N, ...) with the N ≥ 1 data points" in str(error.value)  # says what is accepted
+
+
+def test_zero_dim_data_without_a_data_plate_is_one_datum():
+    """A pair with no "data" plate may observe one scalar: that stays allowed (the pair is one datum)."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(x), PRIOR_SCALE))
+        pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(x, 1.0))
+
+    x = torch.tensor(0.7, dtype=torch.float64)
+    assert compare(model, guide, x, num_samples=4).per_datum["elbo"].shape == (1,)
+    assert log_evidence(model, guide, x, num_samples=4).shape == (1,)
+
+
+def test_posterior_with_a_broadcasting_batch_shape_raises():
+    """A (1,)-batch posterior for 9 data points used to broadcast into a wrong KL; now it is refused."""
+    x = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64)
+
+    def first_only(x):
+        exact = posterior(x)
+        return dist.Normal(exact.loc[:1], exact.scale[:1])  # batch shape (1,)
+
+    # what the broadcast gave: every guide q(z | x_n) against the first datum's posterior
+    wrong_kl = torch.distributions.kl_divergence(dist.Normal(*_shifted(x)), first_only(x)).sum()
+    right = compare(conjugate_model, shifted_guide, x, posterior=posterior, num_samples=4)
+    assert torch.allclose(right.per_datum["kl"], analytic_kl(x))
+    assert abs(right.kl - wrong_kl.item()) > 1.0
+    with pytest.raises(ValueError, match=r"posterior returned a distribution of batch shape \(1,\)") as error:
+        compare(conjugate_model, shifted_guide, x, posterior=first_only, num_samples=4)
+    assert "'data' plate of 9 data points" in str(error.value)
+    with pytest.raises(ValueError, match=r"posterior .* batch shape \(\)"):  # no data axis at all
+        compare(conjugate_model, shifted_guide, x, posterior=lambda x: dist.Normal(0.0, 1.0), num_samples=4)
+    with pytest.raises(ValueError, match=r"posterior must return .* distribution, got Tensor"):
+        compare(conjugate_model, shifted_guide, x, posterior=lambda x: x, num_samples=4)
+
+
+def test_posterior_check_counts_event_dims_and_nested_plates():
+    """The data axis is found at the plate's dim, left of the site's event dims; valid posteriors pass."""
+
+    def model(x):  # x: (N, 3); "data" at dim -2, "feature" at dim -1
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("feature", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, PRIOR_SCALE).expand([x.shape[0], 3]))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("feature", 3, dim=-1):
+            pyro.sample("z", dist.Normal(*_shifted(x)))
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    result = compare(model, guide, x, posterior=posterior, num_samples=4)
+    assert torch.allclose(result.per_datum["kl"], analytic_kl(x).sum(-1))
+    with pytest.raises(ValueError, match=r"posterior returned .* batch shape \(1, 3\)"):
+        compare(model, guide, x, posterior=lambda x: posterior(x[:1]), num_samples=4)
+
+    def event_model(x):  # x: (N, 3), one event of 3 per datum
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), PRIOR_SCALE).to_event(1))
+            pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x)
+
+    def event_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(*_shifted(x)).to_event(1))
+
+    result = compare(event_model, event_guide, x, posterior=lambda x: posterior(x).to_event(1), num_samples=4)
+    assert torch.allclose(result.per_datum["kl"], analytic_kl(x).sum(-1))
+    with pytest.raises(ValueError, match=r"posterior returned .* batch shape \(1,\) \(event shape \(3,\)\)"):
+        compare(event_model, event_guide, x, posterior=lambda x: posterior(x[:1]).to_event(1), num_samples=4)
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        (lambda x: log_marginal(x)[:1], r"log_marginal returned shape \(1,\), expected \(4,\)"),
+        (lambda x: log_marginal(x).sum(), r"log_marginal returned shape \(\), expected \(4,\)"),
+        (lambda x: log_marginal(x)[:, None], r"log_marginal returned shape \(4, 1\), expected \(4,\)"),
+        (lambda x: None, r"log_marginal must return the exact log p\(x\) as a tensor of shape \(4,\)"),
+    ],
+    ids=["one-value", "scalar", "column", "none"],
+)
+def test_log_marginal_of_the_wrong_shape_raises(returned, message):
+    with pytest.raises(ValueError, match=message):
+        compare(conjugate_model, shifted_guide, X, log_marginal=returned, num_samples=4)

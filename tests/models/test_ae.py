@@ -245,3 +245,25 @@ def test_jit_traced_elbo_equals_the_eager_one(shape):
         expected = Trace_ELBO().loss(dae.model, dae.guide, x)
         pyro.set_rng_seed(4)
         assert jitted.loss(dae.model, dae.guide, x) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", [AE, DAE])
+@pytest.mark.parametrize("shape", [(0, 96), (0, 5, 96)], ids=_ids)
+def test_empty_batch_raises(family, shape):
+    """An empty batch used to fail with ZeroDivisionError inside pyro.plate."""
+    ae = family(hidden_dim=8, z_dim=4)
+    x = torch.zeros(shape)
+    for method in (ae.model, ae.guide, ae.reconstruct):
+        with pytest.raises(
+            ValueError, match=r"x is an empty batch, shape \(0, .*a batch needs at least one datum"
+        ):
+            method(x)
+
+
+@pytest.mark.parametrize("family", [AE, DAE])
+def test_non_finite_data_are_counted(family):
+    ae = family(hidden_dim=8, z_dim=4)
+    x = torch.zeros(2, 3, 96)
+    x[0, 0, 0], x[1, 2, 5], x[1, 1, 1] = math.inf, math.nan, -math.inf
+    with pytest.raises(ValueError, match="x must be finite; it has 3 NaN/inf entries"):
+        ae.guide(x)

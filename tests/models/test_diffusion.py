@@ -518,3 +518,24 @@ def test_bad_input_errors():
         images.elbo(torch.rand(2, 1, 8, 8))  # grey levels in [0, 1], not on the [−1, 1] grid
     with pytest.raises(ValueError, match="model space"):
         Trace_ELBO().loss(*images.svi_program("elbo")[:2], torch.full((2, 1, 8, 8), 1.5))
+
+
+def test_empty_batch_raises():
+    """An empty batch says so (rather than only that the shape is wrong)."""
+    model = DDPM(data_shape=(2,), timesteps=3)
+    x0 = torch.zeros(0, 2)
+    for method in (model.model, model.guide, model.model_subsampled, model.guide_subsampled, model.elbo):
+        with pytest.raises(
+            ValueError, match=r"x0 is an empty batch, shape \(0, 2\): a batch needs at least one"
+        ):
+            method(x0)
+
+
+@pytest.mark.parametrize("decoder", ["gaussian", "discretized"])
+def test_non_finite_data_are_counted(decoder):
+    model = DDPM(data_shape=(2,), timesteps=3, decoder=decoder)
+    x0 = torch.zeros(3, 2)
+    x0[0, 1], x0[2, 0] = math.nan, math.inf
+    for method in (model.model, model.guide, model.model_subsampled, model.guide_subsampled, model.elbo):
+        with pytest.raises(ValueError, match="x0 must be finite; it has 2 NaN/inf entries"):
+            method(x0)

@@ -105,3 +105,24 @@ def test_bad_data_raises():
     for bad in (torch.tensor([float("nan")]), torch.zeros(3, 2), torch.zeros(2, 2, 1)):
         with pytest.raises(ValueError, match="x"):
             family.log_marginal(bad)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 1)], ids=["empty-1d", "empty-2d"])
+def test_empty_batch_raises(shape):
+    """An empty batch used to fail with ZeroDivisionError inside pyro.plate."""
+    family = GaussianMixture()
+    x = torch.zeros(shape)
+    for method in (family.model, family.guide, family.log_marginal, family.posterior):
+        with pytest.raises(
+            ValueError, match=r"x is an empty batch, shape \(0,.*a batch needs at least one datum"
+        ):
+            method(x)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_data_are_counted(bad):
+    family = GaussianMixture()
+    x = torch.tensor([0.0, bad, 1.0, bad])
+    for method in (family.model, family.guide, family.log_marginal, family.posterior):
+        with pytest.raises(ValueError, match="x must be finite; it has 2 NaN/inf entries"):
+            method(x)

@@ -359,3 +359,28 @@ def test_jit_traced_step_still_rejects_grey_pixels(digits):
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), JitTrace_ELBO())
     with pytest.raises(ValueError, match="binar"):
         svi.step(grey[:16].float())
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 784), (0, 28, 28), (0, 1, 28, 28)], ids=lambda s: "x".join(map(str, s))
+)
+def test_empty_batch_raises(shape):
+    """An empty batch used to fail with ZeroDivisionError inside pyro.plate."""
+    vae = VAE(z_dim=2, hidden_dim=8)
+    x = torch.zeros(shape)
+    for method in (vae.model, vae.guide, vae.encode):
+        with pytest.raises(
+            ValueError, match=r"x is an empty batch, shape \(0, .*a batch needs at least one datum"
+        ):
+            method(x)
+    with pytest.raises(ValueError, match="x is an empty batch"):
+        Trace_ELBO().loss(vae.model, vae.guide, x)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_non_finite_data_are_counted(likelihood):
+    vae = VAE(z_dim=2, hidden_dim=8, likelihood=likelihood)
+    x = torch.zeros(3, 784)
+    x[0, 1], x[2, 3] = math.nan, -math.inf
+    with pytest.raises(ValueError, match="x must be finite; it has 2 NaN/inf entries"):
+        vae.model(x)

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import pvae.data
 from pvae.data import (
     BatchLoader,
+    ImageData,
     check_model_space,
     from_model_space,
     load_images,
@@ -154,6 +156,64 @@ def test_batch_loader_sizes_and_validation():
         BatchLoader(data, torch.arange(9))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         BatchLoader(data * 2, binarize="dynamic")
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static", None])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_batch_loader_rejects_non_finite_data_before_binarizing(binarize, bad):
+    """A NaN grey level used to be binarized into a silent 0 (NaN fails neither < 0 nor > 1)."""
+    data = torch.rand(6, 4)
+    data[2, 1] = bad
+    data[4, 3] = bad
+    with pytest.raises(ValueError, match="data must be finite; it has 2 NaN/inf entries"):
+        BatchLoader(data, batch_size=3, binarize=binarize)
+
+
+def test_batch_loader_rejects_empty_and_shapeless_data():
+    with pytest.raises(ValueError, match=r"data is empty, shape \(0, 3\): a loader needs at least one datum"):
+        BatchLoader(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match=r"data must be a tensor of shape \(N, \.\.\.\)"):
+        BatchLoader(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"data must be a tensor of shape \(N, \.\.\.\).*got list"):
+        BatchLoader([[0.5, 0.5]])
+
+
+def test_conversions_reject_non_finite_pixels():
+    pixels = torch.tensor([0.0, math.nan, 255.0, math.inf])
+    with pytest.raises(ValueError, match="pixels must be finite; it has 2 NaN/inf entries"):
+        to_model_space(pixels)
+    with pytest.raises(ValueError, match=r"pixels must be a torch\.Tensor"):
+        to_model_space([0, 255])
+    with pytest.raises(ValueError, match="pixels must be finite; it has 2 NaN/inf entries"):
+        ImageData(pixels.reshape(1, 2, 2), torch.zeros(1)).flat()
+    with pytest.raises(ValueError, match="x must be finite; it has 1 NaN/inf entry"):
+        check_model_space("x", torch.tensor([-1.0, math.inf]))
+
+
+def _fake_mnist5k(tmp_path, table) -> str:
+    path = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(path, "wt") as handle:
+        np.savetxt(handle, table, delimiter=",", fmt="%g")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (math.nan, "dataset 'mnist5k' .* must be finite; it has 1 NaN/inf entry"),
+        (300.0, "the pixels of dataset 'mnist5k' .* must be integer pixel levels 0..255; 1 of"),
+        (0.5, "the pixels of dataset 'mnist5k' .* must be integer pixel levels 0..255; 1 of"),
+    ],
+    ids=["nan", "above-255", "between-levels"],
+)
+def test_load_images_rejects_a_corrupt_file(tmp_path, monkeypatch, corrupt, message):
+    """NaN used to fail inside numpy without naming anything, and 300 used to wrap around to 44 silently."""
+    table = np.zeros((100, 785))
+    table[:, -1] = np.repeat(np.arange(10), 10)  # 10 per class, all of them train
+    table[3, 7] = corrupt
+    monkeypatch.setattr(pvae.data, "mnist5k_path", lambda: _fake_mnist5k(tmp_path, table))
+    with pytest.raises(ValueError, match=message):
+        load_images("mnist5k", "train")
 
 
 # ---- model space -----------------------------------------------------------------------------------------
