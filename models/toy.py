@@ -8,11 +8,22 @@ Completing the square in λe^{−λz}·N(x; z, σ²) gives the posterior and the
 .. math::
     p(z \mid x) = \mathrm{TruncatedNormal}(m, \sigma; \text{low}=0), \quad m = x - \lambda\sigma^2,
 
-    \log p(x) = \log\lambda - \lambda x + \tfrac12\lambda^2\sigma^2
-                + \log\Phi\big((x - \lambda\sigma^2)/\sigma\big).
+    \log p(x) = \log\lambda - \lambda x + \tfrac12\lambda^2\sigma^2 + \log\Phi(a), \quad
+    a = (x - \lambda\sigma^2)/\sigma.
 
-For λ = σ = 1: p(x) = e^{1/2 − x} Φ(x − 1). log Φ is evaluated in log space (``torch.special.log_ndtr``),
-so it stays exact where numeric quadrature fails (x ≪ 0 or x ≫ 0).
+For λ = σ = 1: p(x) = e^{1/2 − x} Φ(x − 1). When a ≪ 0 the terms λ²σ²/2 and log Φ(a) are huge and cancel
+(both of order a²/2), so for a < 0 the evidence is evaluated in the equivalent form
+
+.. math::
+    \log p(x) = \log\lambda - \frac{x^2}{2\sigma^2} + \log\frac{\mathrm{erfcx}(-a/\sqrt2)}{2},
+
+which follows from log Φ(a) = log(erfcx(−a/√2)/2) − a²/2 (erfcx(t) = e^{t²} erfc(t), the scaled
+complementary error function, ``torch.special.erfcx``) and −λx + λ²σ²/2 − a²/2 = −x²/(2σ²). For a ≥ 0
+the original form has no cancellation worth the name (−λx + λ²σ²/2 lies between −λx and −λx/2, and
+log Φ(a) lies in [log ½, 0]) and is kept. The posterior's moments and density are equally free of
+cancellation in the tail (see :mod:`pvae.distributions`). The tests hold both to a relative error of
+1e-10 against 120-digit arithmetic for rate and scale in :data:`PARAMETER_RANGE` and x in [−10⁴, 10⁴];
+the constructor refuses rate or scale outside that range.
 
 Sites: ``"z"`` (latent) and ``"x"`` (observed), in ``pyro.plate("data", N)``; x has shape (N,).
 Guides, from exact to deliberately wrong:
@@ -40,17 +51,69 @@ from torch import nn
 from pvae.distributions import TruncatedNormal
 from pvae.family import Family, register_family
 from pvae.networks import mlp
-from pvae.utils import check_finite, check_positive
+from pvae.utils import check_finite
 
 __all__ = [
     "DEFAULT_AMORTIZED_STEPS",
     "DEFAULT_PER_DATUM_STEPS",
+    "PARAMETER_RANGE",
     "ExponentialGaussian",
     "ExponentialGaussianConfig",
+    "check_parameter",
 ]
 
 DEFAULT_AMORTIZED_STEPS = 2000
 DEFAULT_PER_DATUM_STEPS = 1000
+# The closed interval of rate λ and scale σ the toy accepts: the box over which its exact formulas are
+# tested (with x in [−1e4, 1e4]). Much further out the toy stops being computable at all: with σ far below
+# the float spacing near x, ((x − z)/σ)² overflows in the likelihood for any z a guide can represent.
+PARAMETER_RANGE = (1e-8, 1e8)
+
+
+def check_parameter(name: str, value) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a number in PARAMETER_RANGE."""
+    low, high = PARAMETER_RANGE
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}") from error
+    if not low <= number <= high:  # also False for NaN
+        raise ValueError(
+            f"{name} must be a number in [{low:g}, {high:g}] (where the toy's exact posterior and evidence "
+            f"are accurate), got {value!r}"
+        )
+    return number
+
+
+def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, e) with p = fl(a·b) and p + e = a·b exactly (Dekker's product; |a|, |b| far from overflow)."""
+    # Veltkamp's split of each factor into halves of at most ⌈t/2⌉ significant bits, t the dtype's precision
+    digits = round(-math.log2(torch.finfo(a.dtype).eps)) + 1
+    splitter = 2.0 ** math.ceil(digits / 2) + 1.0
+
+    def split(v):
+        c = splitter * v
+        high = c - (c - v)
+        return high, v - high
+
+    product = a * b
+    a_high, a_low = split(a)
+    b_high, b_low = split(b)
+    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
+    return product, error
+
+
+def _posterior_loc(x: torch.Tensor, rate: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """m = x − λσ², with λσ² carried in twice the working precision before the subtraction.
+
+    Rounding λσ² first would leave m an absolute error of order ε·λσ², all of it relative error when
+    x ≈ λσ² (a ≈ 0), where the posterior's mean and entropy are most sensitive to m/σ. With
+    λσ² = p + e₁σ + e₂ from two exact products (λσ = p₁ + e₁, p₁σ = p + e₂), x − p is exact near
+    cancellation (Sterbenz), so m keeps a relative error of a few ε.
+    """
+    p1, e1 = _two_product(rate, scale)
+    p, e2 = _two_product(p1, scale)
+    return (x - p) - (e2 + e1 * scale)
 
 
 @dataclass
@@ -65,8 +128,8 @@ class ExponentialGaussianConfig:
 class ExponentialGaussian(Family):
     """z ~ Exponential(rate), x | z ~ Normal(z, scale), with exact posterior and evidence.
 
-    :param rate: λ > 0 of the exponential prior.
-    :param scale: σ > 0 of the Gaussian likelihood.
+    :param rate: λ of the exponential prior, in :data:`PARAMETER_RANGE`.
+    :param scale: σ of the Gaussian likelihood, in :data:`PARAMETER_RANGE`.
     :param hidden_dim: width of the amortized guide's network.
     :param name: prefix of this family's parameters in Pyro's param store (default: unique).
     """
@@ -75,8 +138,8 @@ class ExponentialGaussian(Family):
 
     def __init__(self, rate: float = 1.0, scale: float = 1.0, hidden_dim: int = 32, name: str | None = None):
         super().__init__(name)
-        self.rate = check_positive("rate", rate)
-        self.scale = check_positive("scale", scale)
+        self.rate = check_parameter("rate", rate)
+        self.scale = check_parameter("scale", scale)
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
             raise ValueError(f"hidden_dim must be a positive integer, got {hidden_dim!r}")
         self.config = ExponentialGaussianConfig(self.rate, self.scale, hidden_dim, self.name)
@@ -108,21 +171,37 @@ class ExponentialGaussian(Family):
             pyro.sample("x", dist.Normal(z, scale), obs=x)
 
     def posterior(self, x: torch.Tensor) -> TruncatedNormal:
-        """Exact p(z | x) = TruncatedNormal(x − λσ², σ, low=0), batch shape (N,)."""
+        """Exact p(z | x) = TruncatedNormal(x − λσ², σ, low=0), batch shape (N,).
+
+        Its mean, variance, entropy and density stay accurate when λσ − x/σ (the standardized distance of
+        the mode below 0) is huge: :class:`~pvae.distributions.TruncatedNormal` evaluates them relative to
+        the bound there. Its samples and CDF do not have that guarantee (see :mod:`pvae.distributions`).
+        """
         x = self._check(x)
         rate, scale = self._constants(x)
-        return TruncatedNormal(x - rate * scale**2, scale.expand(x.shape), low=x.new_zeros(()))
+        return TruncatedNormal(_posterior_loc(x, rate, scale), scale.expand(x.shape), low=x.new_zeros(()))
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x) = log λ − λx + λ²σ²/2 + log Φ((x − λσ²)/σ), shape (N,)."""
+        r"""Exact log p(x), shape (N,): with a = (x − λσ²)/σ,
+
+        .. math::
+            \log p(x) = \begin{cases}
+                \log\lambda - \lambda x + \tfrac12\lambda^2\sigma^2 + \log\Phi(a), & a \ge 0,\\
+                \log\lambda - x^2/(2\sigma^2) + \log\big(\mathrm{erfcx}(-a/\sqrt2)/2\big), & a < 0,
+            \end{cases}
+
+        two forms of one function, each used where it has no cancellation (module docstring).
+        """
         x = self._check(x)
         rate, scale = self._constants(x)
-        return (
-            torch.log(rate)
-            - rate * x
-            + 0.5 * (rate * scale) ** 2
-            + torch.special.log_ndtr((x - rate * scale**2) / scale)
-        )
+        a = _posterior_loc(x, rate, scale) / scale
+        upper = a >= 0
+        # each form only sees the a of its own side, so the one not taken cannot overflow into a NaN gradient
+        a_upper = torch.where(upper, a, torch.zeros_like(a))
+        a_lower = torch.where(upper, torch.zeros_like(a), a)
+        direct = -rate * x + 0.5 * (rate * scale) ** 2 + torch.special.log_ndtr(a_upper)
+        scaled = -0.5 * (x / scale) ** 2 + torch.log(0.5 * torch.special.erfcx(-a_lower / math.sqrt(2.0)))
+        return torch.log(rate) + torch.where(upper, direct, scaled)
 
     # ---- guides --------------------------------------------------------------------------------------
     def exact_guide(self, x: torch.Tensor) -> None:

@@ -5,23 +5,23 @@ a = (low − loc)/scale and b = (high − loc)/scale, an interval that lies in t
 mirrored, Z' = −Z on [−b, −a], so that it always lies where log Φ is accurate (the lower tail,
 ``torch.special.log_ndtr``). Normalizers, densities, moments and samples are then computed from log Φ
 without ever forming Φ(a) or 1 − Φ(a) directly, which keeps them finite and accurate for standardized
-bounds far into either tail (float64 recommended there).
+bounds far into either tail (|a|, |b| ≤ 50 is tested; float64 recommended there).
 
-When the whole mirrored interval lies at or below 0 (b' ≤ 0, the *tail case*), the normalizer, density,
-mean, variance and entropy are written relative to the bound nearest the mode, u = −b', so that the terms
-of size u²/2 cancel on paper instead of in floating point: with Y = b' − Z' ∈ [0, w], w = b' − a',
+When only one bound is given and the mirrored interval lies at or below 0 (b' ≤ 0, the *tail case*),
+the normalizer, density, mean, variance and entropy are written relative to that bound, u = −b', so that
+the terms of size u²/2 cancel on paper instead of in floating point: with Y = b' − Z' ≥ 0,
 
 .. math::
-    \log Z = -\tfrac12 u^2 + L, \qquad
+    \log Z = -\tfrac12 u^2 + L, \qquad L = -\tfrac12\log 2\pi - \log g(u), \qquad
     \log p_Y(y) = -u y - \tfrac12 y^2 - L - \tfrac12\log 2\pi,
 
-where L = −½ log 2π − log g(u) + log(1 − r), g(u) = φ(u)/(1 − Φ(u)) is the standard normal hazard and
-r = (1 − Φ(u + w))/(1 − Φ(u)). The mean and variance of Y come from those of the excess over u of a
-standard normal conditioned to exceed u (see :func:`_normal_excess`), which stay accurate however large
-u is. This is what keeps, e.g., Normal(−10¹⁶, 1) truncated to [0, ∞) accurate: its mean is close to its
-exponential limit 10⁻¹⁶ and no longer the difference of two numbers near 10¹⁶. The sampler, the CDF and
-the quantile still work in the mirrored coordinates themselves: they stay finite in the tail case, but
-their error relative to the spread of the distribution grows like u² times the float precision.
+where g(u) = φ(u)/(1 − Φ(u)) is the standard normal hazard, and Y is the excess over u of a standard
+normal conditioned to exceed u, whose mean and variance :func:`_normal_excess` gives accurately however
+large u is. This keeps, e.g., Normal(−10¹⁶, 1) truncated to [0, ∞) accurate: its mean is close to its
+exponential limit 10⁻¹⁶ instead of the difference of two numbers near 10¹⁶. The sampler, the CDF and the
+quantile still work in the mirrored coordinates themselves: they stay finite in the tail case, but their
+error relative to the spread of the distribution grows like u² times the float precision. Two-sided
+intervals keep the general forms, which lose digits when both bounds lie far out in the same tail.
 """
 
 from __future__ import annotations
@@ -54,26 +54,57 @@ def _log_phi(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * z * z - _HALF_LOG_2PI
 
 
-# The Laplace continued fraction of erfcx takes over from torch.special.erfcx at u = _EXCESS_SPLIT, where
-# _EXCESS_TERMS terms of it are already exact to float64 rounding and the direct forms below it have lost
-# at most two digits to cancellation.
+# Laplace's continued fraction for erfcx (see _normal_excess) converges the faster the larger its argument
+# t = u/√2 is. The moments take it over from the direct erfcx forms at t = 2.5 with _EXCESS_TERMS levels,
+# enough for float64 there. A log density needs only log g, whose value the direct form gives accurately for
+# every u; the fraction (_HAZARD_TERMS levels from t = 20 on) is there for its derivative.
 _EXCESS_SPLIT = 2.5 * math.sqrt(2.0)
-_EXCESS_TERMS = 40
+_EXCESS_TERMS = 48
+_HAZARD_SPLIT = 20.0 * math.sqrt(2.0)
+_HAZARD_TERMS = 8
+_LOG_SQRT_2_OVER_PI = 0.5 * math.log(2.0 / math.pi)
+_NEGLIGIBLE_BOUND = -40.0  # log Φ(−40) < −800, below the log of the smallest positive float64
+
+
+def _erfcx_fraction(t: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""(c₁, c₂, c₃) of Laplace's continued fraction, evaluated bottom-up from c_{terms+1} = 0:
+
+    .. math:: \sqrt\pi\,\mathrm{erfcx}(t) = \cfrac{1}{t + c_1},\qquad c_k = \cfrac{k/2}{t + c_{k+1}}.
+    """
+    c = c2 = c3 = torch.zeros_like(t)
+    for k in range(terms, 0, -1):
+        c = (0.5 * k) / (t + c)
+        if k == 3:
+            c3 = c
+        elif k == 2:
+            c2 = c
+    return c, c2, c3
+
+
+def _log_hazard(u: torch.Tensor) -> torch.Tensor:
+    """log g(u), g(u) = φ(u)/(1 − Φ(u)), for u ≥ 0, with an accurate derivative d(u) = g(u) − u.
+
+    log(√(2/π)/erfcx(u/√2)) is accurate in value for every u, but differentiating it through erfcx forms d
+    as a difference of nearly equal terms once u is large; there log(u + √2 c₁) takes over.
+    """
+    large = u >= _HAZARD_SPLIT
+    u_small = torch.where(large, torch.zeros_like(u), u)
+    u_large = torch.where(large, u, torch.full_like(u, _HAZARD_SPLIT))
+    c1 = _erfcx_fraction(u_large / math.sqrt(2.0), _HAZARD_TERMS)[0]
+    small = _LOG_SQRT_2_OVER_PI - torch.log(torch.special.erfcx(u_small / math.sqrt(2.0)))
+    return torch.where(large, torch.log(u_large + math.sqrt(2.0) * c1), small)
 
 
 def _normal_excess(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""For u ≥ 0 and X ~ N(0, 1): (g, d, v) with g = φ(u)/(1 − Φ(u)), d = E[X − u | X > u] = g − u and
-    v = Var[X | X > u] = 1 − d·g, all accurate to float rounding and differentiable for any u ≥ 0.
+    v = Var[X | X > u] = 1 − d·g, accurate and differentiable for any u ≥ 0 (just below the split the direct
+    forms lose a few digits to cancellation, far fewer than 1 − d·g would lose above it).
 
     With t = u/√2 and erfcx the scaled complementary error function, 1 − Φ(u) = ½ erfcx(t) e^{−t²}, so
     g = √(2/π)/erfcx(t); that direct form is used below ``_EXCESS_SPLIT``. Above it d and v are tiny
-    differences of large terms, so they come from Laplace's continued fraction
-
-    .. math:: \sqrt\pi\,\mathrm{erfcx}(t) = \cfrac{1}{t + c_1},\qquad
-              c_k = \cfrac{k/2}{t + c_{k+1}},
-
-    which gives d = √2 c₁ and, after two more levels of the fraction, 1 − d·g = 1 − 2c₁(t + c₁) as
-    v = (t + 2c₂ − c₃) / (2 (t + c₃)(t + c₂)²), a sum of positive terms.
+    differences of large terms, so they come from the continued fraction of :func:`_erfcx_fraction`:
+    √π erfcx(t) = 1/(t + c₁) gives d = √2 c₁, and two more of its levels turn 1 − d·g = 1 − 2c₁(t + c₁)
+    into v = (t + 2c₂ − c₃) / (2 (t + c₃)(t + c₂)²), in which nothing cancels.
     """
     large = u >= _EXCESS_SPLIT
     # each form only sees arguments in its own range, so neither can feed a NaN into the other's gradient
@@ -84,54 +115,14 @@ def _normal_excess(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     u_large = torch.where(large, u, torch.full_like(u, _EXCESS_SPLIT))
     t = u_large / math.sqrt(2.0)
-    c = torch.zeros_like(t)
-    c2 = c3 = c
-    for k in range(_EXCESS_TERMS, 0, -1):
-        c = (0.5 * k) / (t + c)
-        if k == 3:
-            c3 = c
-        elif k == 2:
-            c2 = c
-    d_large = math.sqrt(2.0) * c
+    c1, c2, c3 = _erfcx_fraction(t, _EXCESS_TERMS)
+    d_large = math.sqrt(2.0) * c1
     v_large = (t + 2.0 * c2 - c3) / (2.0 * (t + c3) * (t + c2) ** 2)
 
     d = torch.where(large, d_large, d_small)
     g = torch.where(large, u_large + d_large, g_small)
     v = torch.where(large, v_large, v_small)
     return g, d, v
-
-
-def _tail_terms(u: torch.Tensor, width: torch.Tensor):
-    r"""The tail case in closed form: X ~ N(0, 1) restricted to [u, u + w], u ≥ 0, w ∈ (0, ∞].
-
-    Returns (L, E[Y], Var[Y]) for Y = X − u, where log P(u ≤ X ≤ u + w) = −u²/2 + L. With r the share of
-    the tail beyond u + w, r = (1 − Φ(u + w))/(1 − Φ(u)), and the moments of the excess over u and over
-    u + w (:func:`_normal_excess`), conditioning on X ≤ u + w gives
-
-    .. math::
-        L = -\tfrac12\log 2\pi - \log g(u) + \log(1 - r), \qquad
-        \log r = -\tfrac12 w(w + 2u) + \log g(u) - \log g(u + w),
-
-        \mathbb E[Y] = \frac{d(u) - r\,(w + d(u + w))}{1 - r}, \qquad
-        \mathrm{Var}[Y] = \frac{v(u) - r\,v(u + w) - r(1 - r)(w + d(u + w) - \mathbb E[Y])^2}{1 - r}
-
-    (the last is the law of total variance over the events X ≤ u + w and X > u + w). With w = ∞, r = 0.
-    For a narrow interval deep in the tail (w ≪ 1/u) r is close to 1 and these lose digits.
-    """
-    bounded = torch.isfinite(width)
-    width_safe = torch.where(bounded, width, torch.ones_like(width))
-    g_u, d_u, v_u = _normal_excess(u)
-    g_v, d_v, v_v = _normal_excess(u + width_safe)
-    log_r = -0.5 * width_safe * (width_safe + 2.0 * u) + torch.log(g_u) - torch.log(g_v)
-    log_r = torch.where(bounded, log_r, torch.full_like(log_r, -math.inf))
-    r = torch.exp(log_r)
-    one_minus_r = -torch.expm1(log_r)
-    big_l = -_HALF_LOG_2PI - torch.log(g_u) + _log1mexp(log_r)
-    beyond = width_safe + d_v  # E[Y | X > u + w]
-    mean = ((d_u - r * beyond) / one_minus_r).clamp(min=0.0)
-    mean = torch.minimum(mean, width)
-    variance = (v_u - r * v_v - r * one_minus_r * (beyond - mean) ** 2) / one_minus_r
-    return big_l, mean, variance.clamp(min=0.0)
 
 
 def log_ndtri(log_p: torch.Tensor, newton_steps: int = 4) -> torch.Tensor:
@@ -236,32 +227,31 @@ class TruncatedNormal(TorchDistribution):
         return sign, lo, hi
 
     def _terms(self):
-        """Everything the tail case and the other case need, each form fed only arguments valid for it.
+        """What both cases need, each form fed only arguments valid for it.
 
-        Returns ``(sign, a', b', log Z, tail, u, L, E[Y], Var[Y], near)``: ``tail`` marks b' ≤ 0, where
-        u = −b', Y = b' − Z' and log Z = −u²/2 + L (module docstring); ``near`` is the bound at Z' = b' in
-        data units (``low`` when mirrored, else ``high``). Off the tail case u, L, E[Y], Var[Y] are those of
-        a harmless stand-in interval and must not be used.
+        Returns ``(sign, a', b', log Z, tail, u, L, near)``. ``tail`` is ``None`` when both bounds or none
+        are given (the general forms hold everywhere); otherwise it marks b' ≤ 0, where u = −b',
+        log Z = −u²/2 + L and ``near`` is the bound in data units (``low`` when mirrored, else ``high``).
+        Off the tail case u and L belong to a stand-in (u = 1) and must not be used.
         """
         sign, lo, hi = self._mirror()
-        tail = hi <= 0
-        both = torch.isfinite(self.low) & torch.isfinite(self.high)
-        # the width from the bounds themselves: a' and b' each carry a rounding error of order |loc|/scale
-        width = (
-            torch.where(both, self.high, torch.ones_like(self.high)) - torch.where(both, self.low, 0.0)
-        ) / (self.scale)
-        width = torch.where(both, width, torch.full_like(width, math.inf))
+        tail = (hi <= 0) if self._has_low != self._has_high else None
+        lo_general, hi_general = lo, hi
+        if tail is not None:  # log_ndtr's derivative overflows far out in the lower tail, even where unused
+            lo_general = torch.where(tail, -torch.ones_like(lo), lo)
+            hi_general = torch.where(tail, torch.ones_like(hi), hi)
+        # log Φ(b') + log(1 − Φ(a')/Φ(b')). Where b' > 0, Φ(b') ≥ ½ and the second term is 0 in any float
+        # format once a' < _NEGLIGIBLE_BOUND, so clamping a' there keeps its value and a finite derivative.
+        lo_general = torch.where(hi_general > 0, lo_general.clamp(min=_NEGLIGIBLE_BOUND), lo_general)
+        log_cdf_hi = torch.special.log_ndtr(hi_general)
+        log_z = log_cdf_hi + _log1mexp(torch.special.log_ndtr(lo_general) - log_cdf_hi)
+        if tail is None:
+            return sign, lo, hi, log_z, None, None, None, None
         u = torch.where(tail, -hi, torch.ones_like(hi))
-        big_l, mean_y, var_y = _tail_terms(u, torch.where(tail, width, torch.ones_like(width)))
-        log_z_tail = -0.5 * u * u + big_l
-        # the other case (a' ≤ 0 < b'): log Φ(b') + log(1 − Φ(a')/Φ(b')), accurate as it stands
-        lo_other = torch.where(tail, -torch.ones_like(lo), lo)
-        hi_other = torch.where(tail, torch.ones_like(hi), hi)
-        log_cdf_hi = torch.special.log_ndtr(hi_other)
-        log_z_other = log_cdf_hi + _log1mexp(torch.special.log_ndtr(lo_other) - log_cdf_hi)
-        log_z = torch.where(tail, log_z_tail, log_z_other)
+        big_l = -_HALF_LOG_2PI - _log_hazard(u)
+        log_z = torch.where(tail, -0.5 * u * u + big_l, log_z)
         near = torch.where(sign < 0, self.low, self.high)
-        return sign, lo, hi, log_z, tail, u, big_l, mean_y, var_y, near
+        return sign, lo, hi, log_z, tail, u, big_l, near
 
     def _stable(self):
         """(sign, a', b', log Z) with Z' = sign·(X − loc)/scale supported on [a', b'] and b' ≤ 0 or a' ≤ 0."""
@@ -275,14 +265,15 @@ class TruncatedNormal(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        sign, _, _, log_z, tail, u, big_l, _, _, near = self._terms()
+        sign, _, _, log_z, tail, u, big_l, near = self._terms()
         z = (value - self.loc) / self.scale
         inside = (value >= self.low) & (value <= self.high)
         log_density = _log_phi(z) - torch.log(self.scale) - log_z
-        # tail case: y = b' − z' measured from the near bound directly, log p = −uy − y²/2 − L − ½ log 2π
-        y = sign * (torch.where(tail, near, value) - value) / self.scale
-        log_density_tail = -u * y - 0.5 * y * y - big_l - _HALF_LOG_2PI - torch.log(self.scale)
-        log_density = torch.where(tail, log_density_tail, log_density)
+        if tail is not None:
+            # y = b' − z' measured from the bound itself, then log p = −uy − y²/2 − L − ½ log 2π − log scale
+            y = sign * (torch.where(tail, near, value) - value) / self.scale
+            log_density_tail = -u * y - 0.5 * y * y - big_l - _HALF_LOG_2PI - torch.log(self.scale)
+            log_density = torch.where(tail, log_density_tail, log_density)
         return torch.where(inside, log_density, torch.full_like(log_density, -math.inf))
 
     def cdf(self, value):
@@ -322,16 +313,16 @@ class TruncatedNormal(TorchDistribution):
 
     # ---- moments ------------------------------------------------------------------------------------
     def _moments(self):
-        """(mean, variance, entropy), each from the tail-case forms where b' ≤ 0 and otherwise from
-
-        E[Z'] = (φ(a') − φ(b'))/Z, Var[Z'] = 1 + (a'φ(a') − b'φ(b'))/Z − E[Z']² and
+        """(mean, variance, entropy): in the tail case E[Z'] = b' − d(u), Var[Z'] = v(u) and
+        H = ½ log 2π + log scale + L + u·d(u) + ½(v(u) + d(u)²) (with d, v from :func:`_normal_excess`);
+        otherwise E[Z'] = (φ(a') − φ(b'))/Z, Var[Z'] = 1 + (a'φ(a') − b'φ(b'))/Z − E[Z']² and
         H = ½ log(2πe) + log scale + log Z + (a'φ(a') − b'φ(b'))/(2Z).
         """
-        sign, lo, hi, log_z, tail, u, big_l, mean_y, var_y, near = self._terms()
-        # the other case, fed a stand-in interval where the tail case applies
-        lo = torch.where(tail, -torch.ones_like(lo), lo)
-        hi = torch.where(tail, torch.ones_like(hi), hi)
-        log_z = torch.where(tail, torch.zeros_like(log_z), log_z)
+        sign, lo, hi, log_z, tail, u, big_l, near = self._terms()
+        if tail is not None:  # the general forms get a stand-in interval where the tail case applies
+            lo = torch.where(tail, -torch.ones_like(lo), lo)
+            hi = torch.where(tail, torch.ones_like(hi), hi)
+            log_z = torch.where(tail, torch.zeros_like(log_z), log_z)
         ratio_lo = torch.exp(_log_phi(lo) - log_z)  # φ(a')/Z, zero when a' = −∞
         ratio_hi = torch.exp(_log_phi(hi) - log_z)
         mean_std = ratio_lo - ratio_hi
@@ -342,16 +333,21 @@ class TruncatedNormal(TorchDistribution):
         mean = self.loc + self.scale * sign * mean_std
         variance = self.scale**2 * (1 + second - mean_std**2)
         entropy = _HALF_LOG_2PI + 0.5 + torch.log(self.scale) + log_z + 0.5 * second
-        # tail case: Z' = b' − Y, so the mean sits E[Y] inside the near bound
-        near = torch.where(tail, near, torch.zeros_like(near))
-        mean_tail = near - self.scale * sign * mean_y
-        variance_tail = self.scale**2 * var_y
-        entropy_tail = _HALF_LOG_2PI + torch.log(self.scale) + big_l + u * mean_y + 0.5 * (var_y + mean_y**2)
-        return (
-            torch.where(tail, mean_tail, mean),
-            torch.where(tail, variance_tail, variance).clamp(min=0),
-            torch.where(tail, entropy_tail, entropy),
-        )
+        if tail is not None:
+            # Y = b' − Z' is the excess over u, so the mean lies d(u) inside the bound
+            _, excess_mean, excess_variance = _normal_excess(u)
+            near = torch.where(tail, near, torch.zeros_like(near))
+            mean = torch.where(tail, near - self.scale * sign * excess_mean, mean)
+            variance = torch.where(tail, self.scale**2 * excess_variance, variance)
+            entropy_tail = (
+                _HALF_LOG_2PI
+                + torch.log(self.scale)
+                + big_l
+                + u * excess_mean
+                + 0.5 * (excess_variance + excess_mean**2)
+            )
+            entropy = torch.where(tail, entropy_tail, entropy)
+        return mean, variance.clamp(min=0), entropy
 
     @property
     def mean(self):

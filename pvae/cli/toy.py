@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 import time
 
-from pvae.cli.common import DemoContext, add_common, non_negative_int, positive_int, print_json
+from pvae.cli.common import (
+    DemoContext,
+    add_common,
+    bounded_float,
+    non_negative_int,
+    positive_int,
+    print_json,
+)
+from pvae.models.toy import PARAMETER_RANGE
 
 # ---- toy: the exponential–Gaussian model with an exact posterior ---------------------------------------
 TOY_GUIDES = ("exact", "meanfield", "lognormal", "amortized")
+# --rate and --scale: the range the toy accepts (where its exact posterior and evidence are accurate)
+_toy_parameter = bounded_float(*PARAMETER_RANGE, low_open=False)
 
 
 def register_toy(subparsers) -> None:
@@ -17,9 +27,18 @@ def register_toy(subparsers) -> None:
         help="exact posterior vs a fitted guide for z ~ Exponential(rate), x | z ~ Normal(z, scale)",
         description="Fit a guide by SVI and compare it per x with the exact posterior and evidence.",
     )
-    parser.add_argument("--rate", type=float, default=1.0, help="λ of the exponential prior, > 0 (default 1)")
+    low, high = PARAMETER_RANGE
     parser.add_argument(
-        "--scale", type=float, default=1.0, help="σ of the Gaussian likelihood, > 0 (default 1)"
+        "--rate",
+        type=_toy_parameter,
+        default=1.0,
+        help=f"λ of the exponential prior, in [{low:g}, {high:g}] (default 1)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=_toy_parameter,
+        default=1.0,
+        help=f"σ of the Gaussian likelihood, in [{low:g}, {high:g}] (default 1)",
     )
     parser.add_argument(
         "--x",

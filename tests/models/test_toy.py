@@ -1,5 +1,6 @@
 import math
 
+import mpmath
 import numpy as np
 import pyro
 import pytest
@@ -168,3 +169,148 @@ def test_bad_data_raises(x):
 def test_bad_parameters_raise(kwargs):
     with pytest.raises(ValueError, match=r"rate|scale"):
         ExponentialGaussian(**kwargs)
+
+
+# ---- accuracy across the supported box, against 120-digit arithmetic ---------------------------------------
+# rate λ and scale σ on the decades of [1e-8, 1e8], x across [−1e4, 1e4]; for every (λ, σ) whose posterior
+# loc λσ² is within the x range, also x = λσ² + kσ, which puts a = (x − λσ²)/σ near 0, where log p(x)
+# switches between its two forms.
+BOX_DECADES = (1e-8, 1e-4, 1.0, 1e4, 1e8)
+BOX_X = (-1e4, -30.0, -1.0, 0.0, 0.5, 1.0, 30.0, 1e4)
+TRANSITION_STEPS = (-3.0, -0.5, 0.0, 0.5, 3.0)
+BOX = [(rate, scale) for rate in BOX_DECADES for scale in BOX_DECADES]
+# Relative error, with an absolute floor for values near 0 (a log density or entropy can cross 0, where a
+# relative error means nothing): |computed − exact| ≤ 1e-10 · max(1, |exact|).
+BOX_TOLERANCE = 1e-10
+
+
+def _box_x(rate, scale):
+    xs = list(BOX_X)
+    centre = rate * scale**2
+    xs += [centre + k * scale for k in TRANSITION_STEPS if abs(centre + k * scale) <= 1e4]
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def _exact_toy(rate, scale, x):
+    """log p(x) and the posterior's mean, variance and entropy at 120 digits, from the textbook forms.
+
+    With m = x − λσ² and a = m/σ the posterior is Normal(m, σ²) truncated to z ≥ 0, and h = φ(a)/Φ(a):
+    log p(x) = log λ − λx + λ²σ²/2 + log Φ(a), mean = m + σh, variance = σ²(1 − ah − h²),
+    entropy = ½ log(2πe) + log σ + log Φ(a) − ah/2. The cancellations in these forms (up to 64 digits
+    when |a| is near 1e16) are harmless at 120 digits.
+    """
+    with mpmath.workdps(120):
+        lam, s, x = mpmath.mpf(rate), mpmath.mpf(scale), mpmath.mpf(x)
+        m = x - lam * s**2
+        a = m / s
+        cdf = mpmath.ncdf(a)
+        h = mpmath.npdf(a) / cdf
+        return {
+            "log_marginal": mpmath.log(lam) - lam * x + (lam * s) ** 2 / 2 + mpmath.log(cdf),
+            "mean": m + s * h,
+            "variance": s**2 * (1 - a * h - h**2),
+            "entropy": mpmath.log(2 * mpmath.pi * mpmath.e) / 2 + mpmath.log(s) + mpmath.log(cdf) - a * h / 2,
+        }
+
+
+def _exact_truncated_log_density(loc, scale, z):
+    """log of Normal(loc, scale²) truncated to [0, ∞) at z, at 120 digits."""
+    with mpmath.workdps(120):
+        loc, s, z = mpmath.mpf(loc), mpmath.mpf(scale), mpmath.mpf(z)
+        return (
+            -(((z - loc) / s) ** 2) / 2
+            - mpmath.log(2 * mpmath.pi) / 2
+            - mpmath.log(s)
+            - mpmath.log(mpmath.ncdf(loc / s))
+        )
+
+
+def _box_error(computed, exact):
+    """|computed − exact| / max(1, |exact|), the error the box's tolerance bounds."""
+    with mpmath.workdps(120):
+        return float(abs(mpmath.mpf(computed) - exact) / max(1, abs(exact)))
+
+
+@pytest.mark.parametrize("rate,scale", BOX, ids=lambda v: f"{v:g}")
+def test_exact_formulas_are_accurate_across_the_box(rate, scale):
+    family = ExponentialGaussian(rate, scale)
+    x = _box_x(rate, scale)
+    log_marginal = family.log_marginal(x)
+    posterior = family.posterior(x)
+    computed = {
+        "log_marginal": log_marginal,
+        "mean": posterior.mean,
+        "variance": posterior.variance,
+        "entropy": posterior.entropy(),
+    }
+    for name, values in computed.items():
+        assert torch.isfinite(values).all(), (name, values)
+    assert (posterior.variance > 0).all()
+    failures = []
+    for index, value in enumerate(x.tolist()):
+        exact = _exact_toy(rate, scale, value)
+        for name, values in computed.items():
+            error = _box_error(values[index].item(), exact[name])
+            if not error <= BOX_TOLERANCE:
+                failures.append((name, value, error))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("rate,scale", BOX, ids=lambda v: f"{v:g}")
+def test_posterior_log_density_is_accurate_across_the_box(rate, scale):
+    # The reference is the density of the posterior's own float64 parameters: its loc x − λσ² is rounded
+    # once, and near z ≈ x with x/σ as large as 1e12 that rounding alone moves the exact density by more
+    # than the tolerance. What is tested here is that TruncatedNormal evaluates its density accurately.
+    family = ExponentialGaussian(rate, scale)
+    x = _box_x(rate, scale)
+    posterior = family.posterior(x)
+    mean = torch.tensor([float(_exact_toy(rate, scale, value)["mean"]) for value in x.tolist()])
+    z = torch.stack([mean / 2, mean, mean + scale]).to(x.dtype)  # (3, N): below, at and above the mean
+    log_density = posterior.log_prob(z)
+    assert torch.isfinite(log_density).all()
+    failures = []
+    for row, column in np.ndindex(*z.shape):
+        exact = _exact_truncated_log_density(posterior.loc[column].item(), scale, z[row, column].item())
+        error = _box_error(log_density[row, column].item(), exact)
+        if not error <= BOX_TOLERANCE:
+            failures.append((x[column].item(), z[row, column].item(), error))
+    assert not failures, failures
+
+
+def test_gradients_are_finite_across_the_box():
+    # torch.where selects one of two forms per element; the form not taken must not leak a NaN gradient.
+    for rate, scale in BOX:
+        family = ExponentialGaussian(rate, scale)
+        x = _box_x(rate, scale).requires_grad_()
+        posterior = family.posterior(x)
+        total = family.log_marginal(x).sum() + posterior.mean.sum() + posterior.entropy().sum()
+        (gradient,) = torch.autograd.grad(total, [x])
+        assert torch.isfinite(gradient).all(), (rate, scale, gradient)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_finite_at_the_corners_of_the_box(dtype):
+    for rate in (1e-8, 1e8):
+        for scale in (1e-8, 1e8):
+            family = ExponentialGaussian(rate, scale)
+            x = torch.tensor([-1e4, 0.0, 1e4], dtype=dtype)
+            posterior = family.posterior(x)
+            for values in (family.log_marginal(x), posterior.mean, posterior.variance, posterior.entropy()):
+                assert values.dtype == dtype and torch.isfinite(values).all(), (rate, scale, values)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rate": 1e-9}, {"rate": 1e9}, {"scale": 1e-300}, {"scale": 1e9}, {"rate": math.inf}],
+    ids=str,
+)
+def test_parameters_outside_the_box_are_rejected(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name} must be .*\[1e-08, 1e\+08\]"):
+        ExponentialGaussian(**kwargs)
+
+
+def test_the_edges_of_the_box_are_accepted():
+    for value in (1e-8, 1e8):
+        family = ExponentialGaussian(rate=value, scale=value)
+        assert family.rate == value and family.scale == value
