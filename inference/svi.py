@@ -56,6 +56,11 @@ def fit(
         for step in bar:
             value = svi.step(*args, **kwargs)
             if not math.isfinite(value):
+                if step == 0:
+                    raise FloatingPointError(
+                        f"the SVI loss is {value} at the first step, before any update: the model cannot "
+                        "score this data at its initial parameters (check the data and the model's settings)"
+                    )
                 raise FloatingPointError(f"SVI loss became {value} at step {step}; try a smaller lr")
             losses.append(value)
             if step % 50 == 0 or step == num_steps - 1:

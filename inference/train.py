@@ -360,6 +360,11 @@ def train(
                     else:
                         kept = "no checkpoint was written"
                     detail = str(error).split(";", 1)[0]  # "the loss is nan" or the invalid parameter
+                    if step.num_steps == 0:
+                        raise FloatingPointError(
+                            f"{detail} at the first step, before any update: the model cannot score this "
+                            "data at its initial parameters (check the data and the family's settings)"
+                        ) from error
                     raise FloatingPointError(
                         f"training diverged at epoch {epoch + 1}, step {len(losses) + 1} of this epoch "
                         f"({detail}); the parameters were not updated and {kept}. Try a smaller lr (now "

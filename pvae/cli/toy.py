@@ -9,6 +9,7 @@ from pvae.cli.common import (
     DemoContext,
     add_common,
     bounded_float,
+    device_from_args,
     non_negative_int,
     positive_int,
     print_json,
@@ -42,10 +43,10 @@ def register_toy(subparsers) -> None:
     )
     parser.add_argument(
         "--x",
-        type=float,
+        type=bounded_float(-1e4, 1e4, low_open=False),
         nargs="+",
         default=[float(v) for v in range(-3, 6)],
-        help="observations (default −3 … 5)",
+        help="observations in [−1e4, 1e4] (default −3 … 5)",
     )
     parser.add_argument(
         "--guide", choices=TOY_GUIDES, default="amortized", help="guide to fit (default amortized)"
@@ -87,9 +88,9 @@ def _toy(args) -> int:
 
     from pvae.inference import compare
     from pvae.models.toy import ExponentialGaussian
-    from pvae.utils import resolve_device, seed_everything
+    from pvae.utils import seed_everything
 
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     seed_everything(args.seed)
     family = ExponentialGaussian(rate=args.rate, scale=args.scale).to(device)
     x = torch.tensor(args.x, dtype=torch.float64, device=device)

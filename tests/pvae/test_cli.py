@@ -45,7 +45,7 @@ def test_toy_table_and_plot(tmp_path, capsys):
     [
         (["toy", "--rate", "0"], "rate"),
         (["toy", "--scale", "-1"], "scale"),
-        (["toy", "--x", "nan"], "x must be finite"),
+        (["toy", "--x", "nan"], "argument --x: must be a finite number in [-10000, 10000], got nan"),
         (["toy", "--device", "tpu"], "device"),
     ],
     ids=["rate", "scale", "nan", "device"],
@@ -56,6 +56,8 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
 
 
 def test_argparse_rejects_unknown_guide(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["toy", "--guide", "nope"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert cli.main(["toy", "--guide", "nope"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("pvae: error: pvae toy: argument --guide: invalid choice") and error.count("\n") == 1
+    )

@@ -54,8 +54,9 @@ def test_unet_leading_batch_dims_and_shapes():
     assert out.shape == x.shape
     torch.testing.assert_close(out[1], net(x[1], torch.full((3,), 20)), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(net(x[0], 1), net(x[0], 20))
-    # images are processed independently (GroupNorm is per image)
-    torch.testing.assert_close(net(x[0, :1], 5), net(x[0], 5)[:1], rtol=1e-5, atol=1e-6)
+    # images are processed independently (GroupNorm is per image); a batch of 1 and of 3 may take different
+    # fp32 convolution kernels, so the comparison allows float32 rounding (~1e-6 absolute) a margin
+    torch.testing.assert_close(net(x[0, :1], 5), net(x[0], 5)[:1], rtol=1e-4, atol=1e-5)
 
 
 def test_unet_gradients_reach_every_parameter():
