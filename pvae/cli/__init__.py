@@ -1,12 +1,13 @@
-"""The ``pvae`` command line: one sub-command per job; the only package that knows every family.
+"""The ``pvae`` command line: one sub-command per job.
 
 Each sub-command is a ``register_<name>(subparsers)`` function that adds its parser and sets ``run=`` to
 the function doing the work: ``toy`` in :mod:`pvae.cli.toy`; ``train``, ``evaluate`` and ``sample`` in
-:mod:`pvae.cli.train` (a family other than the autoencoders adds its options and handles its checkpoints
-in its own module, e.g. :mod:`pvae.cli.diffusion`); ``demo`` in :mod:`pvae.cli.demo`, which runs every
-section of ``DEMO_SECTIONS`` and writes ``DIR/report.md``. Commands that print results accept ``--json``
-(stdout then carries only JSON; progress bars go to stderr and are silent when stderr is not a terminal)
-and ``--device``.
+:mod:`pvae.cli.train`, which learn the families from the registry of command-line specs
+(:mod:`pvae.cli.commands`: ``register_commands(name, FamilyCommands(...))`` next to each family, the
+built-in ones in :mod:`pvae.cli.autoencoders` and :mod:`pvae.cli.diffusion`); ``demo`` in
+:mod:`pvae.cli.demo`, which writes the report of :mod:`pvae.report`. Commands that print results accept
+``--json`` (stdout then carries only JSON; progress bars go to stderr and are silent when stderr is not a
+terminal) and ``--device``.
 
 Errors are one line on stderr, ``pvae: error: …``, never a traceback: exit status 2 for a bad argument
 (argparse's convention), 1 for a failure at run time (a malformed checkpoint, a diverging run, a file that
@@ -19,15 +20,14 @@ import argparse
 import os
 import sys
 
-from pvae.cli.common import DemoContext, UsageError
-from pvae.cli.demo import DEMO_SECTIONS, register_demo
-from pvae.cli.diffusion import demo_diffusion, demo_diffusion_digits
-from pvae.cli.toy import demo_mixture, demo_toy, register_toy
-from pvae.cli.train import demo_autoencoders, register_evaluate, register_sample, register_train
+from pvae.cli.commands import FamilyCommands, RunData, register_commands, registered_commands
+from pvae.cli.common import UsageError
+from pvae.cli.demo import register_demo
+from pvae.cli.toy import register_toy
+from pvae.cli.train import register_evaluate, register_sample, register_train
 
-__all__ = ["DEMO_SECTIONS", "DemoContext", "build_parser", "main"]
+__all__ = ["FamilyCommands", "RunData", "build_parser", "main", "register_commands", "registered_commands"]
 
-DEMO_SECTIONS += [demo_toy, demo_mixture, demo_autoencoders, demo_diffusion, demo_diffusion_digits]
 _REGISTRARS = [register_demo, register_toy, register_train, register_evaluate, register_sample]
 
 

@@ -8,7 +8,6 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 
 
 # ---- errors and argument types ------------------------------------------------------------------------
@@ -109,6 +108,14 @@ def check_out_file(path: str, option: str = "--out", *, overwrite: bool = False,
         raise UsageError(f"{option} {path} already exists; pass --overwrite to replace it")
     prepare_out_folder(os.path.dirname(os.path.abspath(path)), option)
     return path
+
+
+def add_image_data_arguments(parser, datasets: tuple[str, ...]) -> None:
+    """Flags of a run on a data set: ``--dataset`` (default: the first), ``--data-root``, ``--num-train/test``."""
+    parser.add_argument("--dataset", choices=datasets, default=datasets[0], help=f"default {datasets[0]}")
+    parser.add_argument("--data-root", default=None, help="folder for mnist/fashion-mnist files")
+    parser.add_argument("--num-train", type=positive_int, default=None, help="use a class-mixed subset")
+    parser.add_argument("--num-test", type=positive_int, default=None, help="test data points to use")
 
 
 def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -274,13 +281,3 @@ def checked_data_settings(args, checkpoint: dict, datasets: tuple[str, ...]):
             "--download to fetch them there)"
         )
     return dataset, num_test, seed
-
-
-@dataclass
-class DemoContext:
-    """What a demo section gets: where to write figures, how long it may take, and on which device."""
-
-    out: str
-    quick: bool
-    device: str | None
-    seed: int

@@ -64,9 +64,12 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "ddpm", "--dataset", "two-moons", "--objective", "iwae"], "iwae"),
-        (["train", "ddpm", "--dataset", "two-moons", "--engine", "trace"], "eager"),
-        (["train", "vae", "--dataset", "two-moons"], "ddpm only"),
+        (["train", "ddpm", "--dataset", "two-moons", "--objective", "iwae"], "argument --objective: invalid"),
+        (
+            ["train", "ddpm", "--dataset", "two-moons", "--engine", "trace"],
+            "unrecognized arguments: --engine",
+        ),
+        (["train", "vae", "--dataset", "two-moons"], "argument --dataset: invalid choice: 'two-moons'"),
         (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "--ema-decay"),
         (["train", "ddpm", "--dataset", "two-moons", "--lr-end", "0"], "--lr-end"),
     ],
