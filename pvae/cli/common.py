@@ -111,7 +111,7 @@ def check_out_file(path: str, option: str = "--out", *, overwrite: bool = False,
 
 
 def add_image_data_arguments(parser, datasets: tuple[str, ...]) -> None:
-    """Data flags: ``--dataset`` (default: the first of ``datasets``), ``--data-root``, ``--num-train/test``."""
+    """Data flags: ``--dataset`` (default: the first of ``datasets``), ``--data-root``, ``--num-*``."""
     parser.add_argument("--dataset", choices=datasets, default=datasets[0], help=f"default {datasets[0]}")
     parser.add_argument("--data-root", default=None, help="folder for mnist/fashion-mnist files")
     parser.add_argument("--num-train", type=positive_int, default=None, help="use a class-mixed subset")
