@@ -78,7 +78,12 @@ def _data(args, device) -> RunData:
         train_x.to(device), batch_size=args.batch_size, binarize=binarize, seed=args.seed
     )
     test_loader = image_test_loader(test_x, test_labels, binarize, device)
-    metadata = {"num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0]), "binarize": binarize}
+    metadata = {
+        "dataset": args.dataset,
+        "num_train": int(train_x.shape[0]),
+        "num_test": int(test_x.shape[0]),
+        "binarize": binarize,
+    }
     return RunData(train_loader, test_loader, metadata, test_data=(test_loader.data, test_labels))
 
 

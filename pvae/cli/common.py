@@ -204,7 +204,7 @@ def train_and_record(family, args, train_loader, test_loader, out: str, metadata
         allow_changes=args.allow_changes,
         seed=args.seed,
         progress=not args.json,
-        metadata={"dataset": args.dataset, "batch_size": args.batch_size} | metadata,
+        metadata={"batch_size": args.batch_size} | metadata,
         callback=lambda epoch, history: write_history(history, history_path),
         **options,
     )

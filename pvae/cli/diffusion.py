@@ -85,7 +85,7 @@ def _data(args, device) -> RunData:
     test_x = diffusion_data(args.dataset, "test", args.data_root, args.num_test, args.seed)
     train_loader = BatchLoader(train_x.to(device), batch_size=args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test_x.to(device), batch_size=250, shuffle=False)
-    metadata = {"num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0])}
+    metadata = {"dataset": args.dataset, "num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0])}
     return RunData(train_loader, test_loader, metadata, test_data=test_x.to(device))
 
 
