@@ -77,6 +77,7 @@ def register_family(name: str):
             raise TypeError(
                 f"{cls.__qualname__} must declare config_class, the dataclass of its constructor arguments"
             )
+        _check_constructor_matches_config(cls)
         known = _REGISTRY.get(name)
         if known is not None and _class_path(known) != _class_path(cls):
             raise ValueError(f"family name {name!r} is already registered for {_class_path(known)}")
@@ -85,6 +86,27 @@ def register_family(name: str):
         return cls
 
     return register
+
+
+def _check_constructor_matches_config(cls: type) -> None:
+    """Every field of the config is a keyword of the constructor, and every other keyword defaults to None
+    (an object that is not plain data, e.g. a custom network, passed again when loading)."""
+    import inspect
+
+    fields = {field.name for field in dataclasses.fields(cls.config_class)}
+    parameters = dict(inspect.signature(cls.__init__).parameters)
+    parameters.pop("self", None)
+    missing = sorted(fields - set(parameters))
+    if missing:
+        raise TypeError(f"{cls.__qualname__}.__init__ lacks the config fields {missing}")
+    others = [
+        key for key, parameter in parameters.items() if key not in fields and parameter.default is not None
+    ]
+    if others:
+        raise TypeError(
+            f"{cls.__qualname__}.__init__ takes {others}, which are not in its config "
+            f"{cls.config_class.__name__} (arguments outside the config must default to None)"
+        )
 
 
 def _class_path(cls: type) -> str:

@@ -172,3 +172,28 @@ def test_prior_predictive_of_the_test_family_through_predictive():
 def test_register_family_refuses_bad_names(name):
     with pytest.raises(ValueError, match="registered name must match"):
         pvae.register_family(name)
+
+
+def test_register_family_refuses_a_constructor_that_drifted_from_its_config():
+    @dataclass
+    class Config:
+        width: int = 3
+        name: str | None = None
+
+    class Drifted(pvae.Family):
+        config_class = Config
+
+        def __init__(self, width: int = 3, depth: int = 2, name: str | None = None):
+            super().__init__(name)
+
+    with pytest.raises(TypeError, match=r"takes \['depth'\], which are not in its config Config"):
+        pvae.register_family("test-drifted")(Drifted)
+
+    class Missing(pvae.Family):
+        config_class = Config
+
+        def __init__(self, name: str | None = None):
+            super().__init__(name)
+
+    with pytest.raises(TypeError, match=r"lacks the config fields \['width'\]"):
+        pvae.register_family("test-missing")(Missing)
