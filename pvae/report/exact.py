@@ -54,7 +54,7 @@ def _demo_toy_section(ctx: ReportContext) -> str:
         "",
         "Four guides, each fitted by SVI (Trace_ELBO) and compared with the truth by",
         "`pvae.inference.compare` (KL(q‖p) in closed form where it exists, Monte Carlo otherwise; sums over",
-        "the 9 values of x):",
+        f"the {len(x)} values of x):",
         "",
         "| guide | fit steps | fit s | ELBO | log p(x) | gap | KL(q‖p) | KL method |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
