@@ -94,7 +94,7 @@ def _read_table(path: str, name: str) -> np.ndarray:
     """The CSV at ``path`` as integers, or, when some entry is not one (NaN, 0.5), as floats to be checked."""
     try:
         with gzip.open(path, "rt") as handle:
-            return np.loadtxt(handle, delimiter=",", dtype=np.int64)  # 4× faster to parse than floats
+            return np.loadtxt(handle, delimiter=",", dtype=np.int64)  # integers parse faster than floats
     except ValueError:
         pass
     try:

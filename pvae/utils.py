@@ -156,7 +156,7 @@ def torch_threads(num_threads: int):
     """Run a block with ``num_threads`` intra-op threads, restoring the previous setting afterwards.
 
     Tiny problems (the toy, the mixture) spend their time in many small kernels, where intra-op threads
-    only add synchronisation: on 2 cores the toy's SVI ran about 3× faster with one thread.
+    only add synchronisation, so they run faster on one (the README has the measurement).
     """
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
