@@ -566,7 +566,8 @@ class _Validator:
             change = self.dict_of(change, f"history.changes[{index}]")
             if not all(_is_plain(item) for item in change.values()):
                 self.fail(f"history.changes[{index}]", "must hold plain values")
-        return history
+        normalized = {key: list(history.get(key, [])) for key in _HISTORY_LISTS}  # tuples become lists
+        return {"objective": objective, **normalized, "changes": [dict(change) for change in changes]}
 
     def train_config(self, value) -> dict:
         config = self.dict_of(value if value is not None else {}, "train_config")
