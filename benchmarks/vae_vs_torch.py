@@ -1,11 +1,11 @@
 """Benchmark: the same VAE trained through pvae's ``train`` and through a hand-written PyTorch loop.
 
-Both sides train seed 2's VAE (784 → hidden → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU decoder)
+Both sides train the same VAE (784 → hidden → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU decoder)
 on the 4,000 mnist5k training digits, dynamically binarized by two ``BatchLoader``\\ s with the same seed (so
 both see the same batches and the same binary draws), from the same initial weights, with Adam (lr 1e-3):
 
-- **hand-written**: seed 2's loop, eager PyTorch — ``BCE(sigmoid(decoder(z)), x, reduction="sum")`` plus the
-  analytic KL ½Σ(−log σ² + μ² + σ² − 1), ``torch.optim.Adam`` with its defaults;
+- **hand-written**: the usual VAE loop, eager PyTorch — ``BCE(sigmoid(decoder(z)), x, reduction="sum")``
+  plus the analytic KL ½Σ(−log σ² + μ² + σ² − 1), ``torch.optim.Adam`` with its defaults;
 - **pvae**: ``pvae.inference.train(VAE(...), loader, epochs=…, engine=…)`` — Pyro's Trace_ELBO for the
   family's model/guide (Monte-Carlo KL) on every step; ``--engines`` picks the step engines to time.
 
@@ -54,9 +54,10 @@ from pvae.models.vae import VAE
 HIDDEN = 400
 
 
-# ---- the hand-written reference (seed 2) -------------------------------------------------------------------
-class SeedVAE(nn.Module):
-    """Seed 2's network; its state dict has the same keys and shapes as pvae's VAE."""
+# ---- the hand-written reference ----------------------------------------------------------------------------
+class ReferenceVAE(nn.Module):
+    """The MLP encoder Linear → LeakyReLU(0.2) → Linear and decoder Linear → ReLU → Linear → sigmoid; its
+    state dict has the same keys and shapes as pvae's VAE."""
 
     def __init__(self, z_dim: int, hidden_dim: int = HIDDEN):
         super().__init__()
@@ -73,22 +74,23 @@ class SeedVAE(nn.Module):
         return self.decoder(z), mu, logvar
 
 
-def seed_loss(recon_x, x, mu, logvar):
-    """Seed 2's loss: summed binary cross-entropy plus the analytic KL."""
+def negative_elbo(recon_x, x, mu, logvar):
+    """The negative ELBO with the KL in closed form: the summed binary cross-entropy plus
+    ½Σ(−log σ² + μ² + σ² − 1)."""
     bce = F.binary_cross_entropy(recon_x, x, reduction="sum")
     kld = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp())
     return bce + kld
 
 
 class HandLoop:
-    def __init__(self, model: SeedVAE, loader, compiled: bool = False):
+    def __init__(self, model: ReferenceVAE, loader, compiled: bool = False):
         self.model, self.loader = model, loader
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(x):
             self.optimizer.zero_grad()
             recon, mu, logvar = self.model(x)
-            loss = seed_loss(recon, x, mu, logvar)
+            loss = negative_elbo(recon, x, mu, logvar)
             loss.backward()
             self.optimizer.step()
             return loss.detach()
@@ -124,7 +126,7 @@ def loader(train_x, batch_size, seed):
 def interleave_pvae(engine, z_dim, batch_size, epochs, train_x, seed, jit=False):
     """pvae's train (A) against the hand-written loop (B), one epoch each in turn, same init and batches."""
     torch.manual_seed(seed)
-    hand_model = SeedVAE(z_dim)
+    hand_model = ReferenceVAE(z_dim)
     family = VAE(x_dim=784, z_dim=z_dim, hidden_dim=HIDDEN)
     family.load_state_dict(hand_model.state_dict())
     hand = HandLoop(hand_model, loader(train_x, batch_size, seed))
@@ -145,8 +147,8 @@ def interleave_pvae(engine, z_dim, batch_size, epochs, train_x, seed, jit=False)
 def interleave_other(kind, z_dim, batch_size, epochs, train_x, seed):
     """A reference loop (stock Pyro SVI, or the compiled hand-written step) against the eager hand loop."""
     torch.manual_seed(seed)
-    hand_model = SeedVAE(z_dim)
-    other_model = SeedVAE(z_dim)
+    hand_model = ReferenceVAE(z_dim)
+    other_model = ReferenceVAE(z_dim)
     other_model.load_state_dict(hand_model.state_dict())
     hand = HandLoop(hand_model, loader(train_x, batch_size, seed))
     if kind == "hand-compiled":
@@ -202,7 +204,7 @@ def numpyro_epochs(z_dim, batch_size, epochs, seed) -> list[float]:
 
     encoder_init, encoder_apply = stax.serial(
         stax.Dense(HIDDEN), stax.LeakyRelu, stax.Dense(2 * z_dim)
-    )  # LeakyRelu's default slope is 0.01; seed 2 uses 0.2 — timing is unaffected
+    )  # LeakyRelu's default slope is 0.01; the VAE's is 0.2 — timing is unaffected
     decoder_init, decoder_apply = stax.serial(stax.Dense(HIDDEN), stax.Relu, stax.Dense(784))
 
     def model(x):
@@ -238,7 +240,7 @@ def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
     import subprocess
 
     torch.manual_seed(seed)
-    hand = HandLoop(SeedVAE(z_dim), loader(train_x, batch_size, seed))
+    hand = HandLoop(ReferenceVAE(z_dim), loader(train_x, batch_size, seed))
     before = [hand.epoch() for _ in range((epochs + 1) // 2)]
     command = [sys.executable, os.path.abspath(__file__), "--numpyro-child", str(z_dim), str(batch_size)]
     command += ["--epochs", str(epochs), "--seed", str(seed)]
@@ -320,7 +322,7 @@ def quality_section(args, train_x, test_x):
     for z_dim in args.z_dims:
         net = f"784-{HIDDEN}-{z_dim}"
         torch.manual_seed(args.seed)
-        hand_model = SeedVAE(z_dim)
+        hand_model = ReferenceVAE(z_dim)
         initial = {key: value.clone() for key, value in hand_model.state_dict().items()}
         hand = HandLoop(hand_model, loader(train_x, batch_size, args.seed))
         torch.manual_seed(args.seed)

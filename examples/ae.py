@@ -1,8 +1,8 @@
 """Example: Autoencoder as a Pyro model/guide pair
 
-An autoencoder (seed 2: x → encoder → z → decoder → x̃, squared-error loss) written as a probabilistic
-program: a flat prior on the code z, a Gaussian likelihood x | z ~ Normal(decoder(z), s²), and a
-point-mass guide z = encoder(x). Its ELBO is exactly −SSE/(2s²) − (D/2)·log(2πs²), so SVI with
+An autoencoder (x → encoder → z → decoder → x̃, trained on the squared-error loss ‖x − x̃‖²) written as a
+probabilistic program: a flat prior on the code z, a Gaussian likelihood x | z ~ Normal(decoder(z), s²), and
+a point-mass guide z = encoder(x). Its ELBO is exactly −SSE/(2s²) − (D/2)·log(2πs²), so SVI with
 ``Trace_ELBO`` minimizes the summed squared reconstruction error. The script checks that identity on a
 batch, trains on the mnist5k digits (grey levels in [0, 1]), and reports the test reconstruction error (an
 autoencoder has no marginal likelihood to report). Pictures in ``--out``: reconstructions next to the

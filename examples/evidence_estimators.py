@@ -1,7 +1,7 @@
 """Example: Naive vs importance-sampled estimates of the evidence p(x)
 
-The first seed estimates the evidence the naive way, p(x) ≈ 1/n Σ_i p(x | z_i) with z_i drawn from the
-prior. That is unbiased, but when the posterior sits far from the prior most z_i explain x badly and the
+The naive estimate of the evidence is p(x) ≈ 1/n Σ_i p(x | z_i), with z_i drawn from the prior. That is
+unbiased, but when the posterior sits far from the prior most z_i explain x badly and the
 estimate is noisy. Importance sampling with a guide q(z | x) close to the posterior,
 p(x) ≈ 1/n Σ_i p(x, z_i)/q(z_i | x), is far steadier (its log is the IWAE-n bound). On the exponential–
 Gaussian toy the exact value is known, so this script shows both estimators' bias and spread as n grows,

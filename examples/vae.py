@@ -1,13 +1,13 @@
 """Example: Variational Autoencoder on MNIST digits
 
-Trains seed 2's VAE (784 → 400 → z, LeakyReLU encoder giving μ and log σ², ReLU decoder giving Bernoulli
-logits) as a Pyro model/guide pair with SVI on the 4,000 mnist5k training digits, dynamically binarized
-(a fresh Bernoulli draw of every pixel each time a digit is served). ``Trace_ELBO`` estimates
-KL(q(z | x) ‖ p(z)) by Monte Carlo; ``--analytic-kl`` switches to ``TraceMeanField_ELBO`` and its closed
-form ½Σ(−log σ² + μ² + σ² − 1). After training it estimates the test log-likelihood log p(x) by importance
-sampling with the guide as proposal (the IWAE-k bound, k = ``--num-samples``) and writes pictures to
-``--out``: reconstructions, prior samples, the ELBO curve, a latent scatter coloured by digit and, for
-``--z-dim 2``, the decoded latent manifold.
+Trains a VAE with MLP encoder and decoder (784 → 400 → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU
+decoder giving Bernoulli logits) as a Pyro model/guide pair with SVI on the 4,000 mnist5k training digits,
+dynamically binarized (a fresh Bernoulli draw of every pixel each time a digit is served).
+``Trace_ELBO`` estimates KL(q(z | x) ‖ p(z)) by Monte Carlo; ``--analytic-kl`` switches to
+``TraceMeanField_ELBO`` and its closed form ½Σ(−log σ² + μ² + σ² − 1). After training it estimates the test
+log-likelihood log p(x) by importance sampling with the guide as proposal (the IWAE-k bound,
+k = ``--num-samples``) and writes pictures to ``--out``: reconstructions, prior samples, the ELBO curve, a
+latent scatter coloured by digit and, for ``--z-dim 2``, the decoded latent manifold.
 
 References:
 

@@ -3,12 +3,12 @@
 Nothing here imports a concrete family: exact quantities come in as callables.
 """
 
-from pvae.inference.compare import Comparison, compare
+from pvae.inference.compare import Comparison, SiteDensities, compare
 from pvae.inference.evaluate import LogLikelihood, evaluate_log_likelihood
-from pvae.inference.evidence import estimator_spread, log_evidence, per_datum_log_weights
+from pvae.inference.evidence import estimator_spread, log_evidence, log_weights
 from pvae.inference.objectives import IWAE_ELBO, make_elbo
 from pvae.inference.step import SVIStep
-from pvae.inference.svi import fit
+from pvae.inference.svi import fit, scheduled_adam, scheduled_lr
 from pvae.inference.train import History, train
 
 __all__ = [
@@ -17,12 +17,15 @@ __all__ = [
     "History",
     "LogLikelihood",
     "SVIStep",
+    "SiteDensities",
     "compare",
     "estimator_spread",
     "evaluate_log_likelihood",
     "fit",
     "log_evidence",
+    "log_weights",
     "make_elbo",
-    "per_datum_log_weights",
+    "scheduled_adam",
+    "scheduled_lr",
     "train",
 ]

@@ -1,14 +1,17 @@
-"""Per-datum importance weights for any model/guide pair, with particles vectorized in an outer plate.
+"""Per-datum log importance weights for any model/guide pair, with particles vectorized in an outer plate.
 
-This is the engine behind :func:`pvae.inference.compare` and :func:`pvae.inference.log_evidence`. It never
-looks at what the model *is*: it traces the guide (or, for ``proposal="prior"``, the model alone), replays
-the model against it, and splits every site's log-density into a per-datum part (sites inside the plate
-named ``"data"``) and a global part (everything else), for each particle.
+This is the one place where pvae forms importance weights; :func:`pvae.inference.log_weights`,
+:func:`pvae.inference.log_evidence`, :func:`pvae.inference.compare` and the IWAE objective
+(:class:`pvae.inference.IWAE_ELBO`) all call :func:`importance_weights`. It never looks at what the model
+*is*: it traces the guide (or, for ``proposal="prior"``, the model alone) under a particle plate, replays
+the model against it, and reduces every site's log-density (:func:`reduce_per_datum`) to a per-datum part
+(sites inside the plate named :data:`DATA_PLATE`) and a global part (everything else), for each particle.
 """
 
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass
 
 import pyro
@@ -19,39 +22,71 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
+from pvae.checks import check_choice
+
 __all__ = [
     "DATA_PLATE",
+    "PARTICLE_PLATE",
+    "PROPOSALS",
     "LogWeights",
     "checked_plate_nesting",
+    "data_frame",
     "guess_max_plate_nesting",
-    "log_weights",
+    "importance_weights",
     "point_mass_sites",
+    "reduce_per_datum",
 ]
 
+#: The plate whose entries are independent data: per-datum quantities are reported over it.
 DATA_PLATE = "data"
-_PARTICLE_PLATE = "_pvae_particles"
+#: The outer plate that vectorizes importance-sampling particles.
+PARTICLE_PLATE = "_pvae_particles"
+#: ``"guide"``: z ~ q(z | x), log w = log p(x, z) − log q(z | x); ``"prior"``: z ~ p(z), log w = log p(x | z).
+PROPOSALS = ("guide", "prior")
 
 
 @dataclass
 class LogWeights:
-    """Log importance weights, split per datum.
+    """Log importance weights of k particles, split per datum.
 
-    ``per_datum[s, n]`` is log p − log q of every site inside the ``"data"`` plate at datum n for particle s;
-    ``global_[s]`` collects sites outside it (global latents); the joint log weight of particle s is
-    ``per_datum[s].sum() + global_[s]``. ``guide_trace`` is the (vectorized) trace of the proposal.
+    ``local[s, n]`` is log p − log q of the sites inside the ``"data"`` plate at datum n for particle s;
+    ``global_[s]`` collects the sites outside it (global latents). Densities are unscaled (masks applied):
+    ``scale`` is the sites' common scale, e.g. N/B when the data plate is subsampled, for the caller to
+    apply to totals. A pair without a ``"data"`` plate is one datum (N = 1).
     """
 
-    per_datum: torch.Tensor  # (num_particles, N)
-    global_: torch.Tensor  # (num_particles,)
+    local: torch.Tensor  # (k, N)
+    global_: torch.Tensor  # (k,)
+    scale: float | torch.Tensor
+    has_global: bool  # some site lies outside the "data" plate (and the pair has one)
     guide_trace: poutine.Trace | None
     model_trace: poutine.Trace
-    data_dim: int | None  # the "data" plate's dim (negative), None when the model has no such plate
     particle_dim: int
+
+    @property
+    def per_datum(self) -> torch.Tensor:
+        """(k, N) log weights, global terms spread evenly over the data: each row sums to :attr:`joint`."""
+        if not self.has_global:
+            return self.local
+        return self.local + self.global_.unsqueeze(-1) / self.local.shape[-1]
+
+    @property
+    def joint(self) -> torch.Tensor:
+        """(k,) log weight of the whole batch, log p(x_{1:N}, z) − log q(z | x_{1:N})."""
+        return self.local.sum(-1) + self.global_
+
+
+def _cuda_devices(args) -> list:
+    return [arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.device.type == "cuda"][:1]
 
 
 def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
-    """Deepest plate nesting seen in one (unvectorized) run of guide and model, as Pyro's ELBOs do."""
-    with poutine.block():
+    """Deepest plate nesting seen in one (unvectorized) run of guide and model, as Pyro's ELBOs find it.
+
+    The run draws from torch's generator inside a forked state, so the caller's random stream is left as it
+    was (the same draws follow whether the nesting was guessed or given).
+    """
+    with torch.random.fork_rng(devices=_cuda_devices(args)), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
         replayed = poutine.replay(model, trace=guide_trace) if guide_trace is not None else model
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
@@ -106,11 +141,9 @@ def checked_plate_nesting(model, guide, args, kwargs) -> int:
 
 
 def _unwrap(fn):
-    while True:
-        if isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
-            fn = fn.base_dist
-        else:
-            return fn
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+        fn = fn.base_dist
+    return fn
 
 
 def point_mass_sites(guide_trace: poutine.Trace) -> list[str]:
@@ -124,35 +157,69 @@ def point_mass_sites(guide_trace: poutine.Trace) -> list[str]:
     ]
 
 
+def data_frame(site):
+    """The site's vectorized ``"data"`` plate frame, or ``None`` when it lies outside that plate."""
+    return next(
+        (frame for frame in site["cond_indep_stack"] if frame.name == DATA_PLATE and frame.vectorized), None
+    )
+
+
+def reduce_per_datum(
+    log_prob: torch.Tensor, site, particle_dim: int, num_particles: int
+) -> tuple[torch.Tensor, bool]:
+    """A site's log-density summed over everything but the particle plate and the ``"data"`` plate.
+
+    :param log_prob: the log-density, with the site's batch shape (a leading particle axis at
+        ``particle_dim`` or broadcast to it).
+    :param site: the trace site (its plates say where the ``"data"`` axis is).
+    :param particle_dim: the particle plate's dim (negative).
+    :param num_particles: k.
+    :returns: ``(terms, in_data)``: (k, N) per-datum terms when the site lies in the ``"data"`` plate
+        (``in_data=True``), else (k, 1), the site's total per particle.
+    """
+    depth = -particle_dim
+    if log_prob.dim() < depth:
+        log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape)
+    log_prob = log_prob.expand((num_particles,) + log_prob.shape[1:])  # (k, ...) batch dims, rank `depth`
+    frame = data_frame(site)
+    if frame is None:
+        return log_prob.reshape(num_particles, -1).sum(-1, keepdim=True), False
+    axis = depth + frame.dim  # counted from the left
+    drop = [d for d in range(1, depth) if d != axis]
+    return (log_prob.sum(drop) if drop else log_prob).reshape(num_particles, -1), True
+
+
+def _masked(log_prob: torch.Tensor, mask) -> torch.Tensor:
+    """Pyro's masking of a log-density (``scale_and_mask`` without the scale)."""
+    if mask is None or mask is True:
+        return log_prob
+    if mask is False:
+        return torch.zeros_like(log_prob)
+    return torch.where(mask, log_prob, log_prob.new_zeros(()))
+
+
+def _scale_of(site) -> float | torch.Tensor:
+    scale = site["scale"]
+    return float(scale) if isinstance(scale, numbers.Number) else scale
+
+
+def _same_scale(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+    return False
+
+
 def _vectorize(fn, num_particles: int, dim: int):
     def vectorized(*args, **kwargs):
-        with pyro.plate(_PARTICLE_PLATE, num_particles, dim=dim):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
             return fn(*args, **kwargs)
 
     return vectorized
 
 
-def _split(site, data_name: str, particle_dim: int, num_particles: int):
-    """Reduce a site's log_prob to ((S, N) per-datum or None, (S,) global or None) and the data dim."""
-    log_prob = site["log_prob"]
-    frames = {frame.name: frame for frame in site["cond_indep_stack"]}
-    depth = -particle_dim
-    log_prob = (
-        log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape)
-        if log_prob.dim() < depth
-        else log_prob
-    )
-    log_prob = log_prob.expand((num_particles,) + log_prob.shape[1:])
-    if data_name in frames and frames[data_name].vectorized:
-        data_dim = frames[data_name].dim
-        keep = {0, depth + data_dim}  # particle axis and data axis, counted from the left
-        drop = [axis for axis in range(log_prob.dim()) if axis not in keep]
-        per_datum = log_prob.sum(dim=drop) if drop else log_prob
-        return per_datum.reshape(num_particles, -1), None, data_dim
-    return None, log_prob.reshape(num_particles, -1).sum(-1), None
-
-
-def log_weights(
+def importance_weights(
     model,
     guide,
     args: tuple,
@@ -161,13 +228,17 @@ def log_weights(
     proposal: str = "guide",
     max_plate_nesting: int | None = None,
 ) -> LogWeights:
-    """Vectorized log importance weights of ``num_particles`` draws from the guide (or the prior).
+    """Log importance weights of ``num_particles`` vectorized draws from the guide (or the prior).
+
+    Differentiable: with a reparameterized guide, gradients flow through the draws (IWAE's estimator).
 
     :param proposal: ``"guide"``: log w = log p(x, z) − log q(z | x) with z ~ q; ``"prior"``: z ~ p(z) from
         the model itself and log w = log p(x | z), the naive Monte-Carlo evidence estimator.
+    :param max_plate_nesting: depth of the deepest plate of model and guide (guessed when ``None``).
+    :raises ValueError: when the scored sites do not share one scale (``poutine.scale`` inside the
+        program): log-weights of sites scaled differently are no importance weights.
     """
-    if proposal not in ("guide", "prior"):
-        raise ValueError(f"proposal must be 'guide' or 'prior', got {proposal!r}")
+    check_choice("proposal", proposal, PROPOSALS)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(
             model, guide if proposal == "guide" else None, args, kwargs
@@ -177,39 +248,55 @@ def log_weights(
     guide_trace = None
     if proposal == "guide":
         guide_trace = poutine.trace(_vectorize(guide, num_particles, particle_dim)).get_trace(*args, **kwargs)
-        guide_trace = prune_subsample_sites(guide_trace)
         vectorized_model = poutine.replay(vectorized_model, trace=guide_trace)
-    model_trace = prune_subsample_sites(poutine.trace(vectorized_model).get_trace(*args, **kwargs))
+    model_trace = poutine.trace(vectorized_model).get_trace(*args, **kwargs)
     if guide_trace is not None and is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
-    model_trace.compute_log_prob()
-    if guide_trace is not None:
-        guide_trace.compute_log_prob()
+    model_trace = prune_subsample_sites(model_trace)
 
-    some_value = next(site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample")
-    global_ = torch.zeros(num_particles, dtype=some_value.dtype, device=some_value.device)
-    per_datum = None
-    data_dim = None
-
-    def accumulate(trace, sign, latent_only):
-        nonlocal per_datum, global_, data_dim
+    def scored(trace, sign):
         for site in trace.nodes.values():
             if site["type"] != "sample":
                 continue
+            if sign < 0 and site["is_observed"]:
+                continue  # the guide scores its latent draws only
             if proposal == "prior" and not site["is_observed"]:
                 continue  # z ~ p(z): prior terms cancel against the proposal
-            if latent_only and site["is_observed"]:
-                continue
-            datum_part, global_part, dim = _split(site, DATA_PLATE, particle_dim, num_particles)
-            if datum_part is not None:
-                data_dim = dim
-                per_datum = sign * datum_part if per_datum is None else per_datum + sign * datum_part
-            else:
-                global_ = global_ + sign * global_part
+            yield site, sign
 
-    accumulate(model_trace, 1.0, latent_only=False)
+    sites = list(scored(model_trace, 1.0))
     if guide_trace is not None:
-        accumulate(guide_trace, -1.0, latent_only=True)
-    if per_datum is None:  # no "data" plate: the whole pair is one datum
-        per_datum, global_ = global_.unsqueeze(-1), torch.zeros_like(global_)
-    return LogWeights(per_datum, global_, guide_trace, model_trace, data_dim, particle_dim)
+        guide_trace = prune_subsample_sites(guide_trace)
+        sites += list(scored(guide_trace, -1.0))
+    if not sites:
+        raise ValueError("the model has no sample site to weigh: importance weights need at least one")
+    names = {site["name"] for site, _ in sites}
+    model_trace.compute_log_prob(lambda name, site: name in names)
+    if guide_trace is not None:
+        guide_trace.compute_log_prob(lambda name, site: name in names)
+
+    local, global_, scale = None, None, None
+    for site, sign in sites:
+        site_scale = _scale_of(site)
+        if scale is None:
+            scale = site_scale
+        elif not _same_scale(scale, site_scale):
+            raise ValueError(
+                "importance weights need one common scale for all sample sites (the data plate's "
+                f"subsampling scale); found {scale} and {site_scale} (poutine.scale inside the program?)"
+            )
+        terms, in_data = reduce_per_datum(
+            _masked(site["unscaled_log_prob"], site["mask"]), site, particle_dim, num_particles
+        )
+        if in_data:
+            local = sign * terms if local is None else local + sign * terms
+        else:
+            global_ = sign * terms[:, 0] if global_ is None else global_ + sign * terms[:, 0]
+    has_global = local is not None and global_ is not None
+    if local is None:  # no "data" plate: the whole pair is one datum
+        local, global_ = global_.unsqueeze(-1), torch.zeros_like(global_)
+    elif global_ is None:
+        global_ = local.new_zeros(num_particles)
+    return LogWeights(
+        local, global_, 1.0 if scale is None else scale, has_global, guide_trace, model_trace, particle_dim
+    )

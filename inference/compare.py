@@ -8,6 +8,8 @@
 - KL(q ‖ p) estimated directly against an exact ``posterior`` callable, when given.
 
 Nothing here knows a concrete family: the exact quantities come in as callables taking the model's args.
+The result, :class:`Comparison`, is plain data (numbers and tensors, the densities it plots included);
+:func:`pvae.plots.plot_comparison` draws it.
 """
 
 from __future__ import annotations
@@ -21,19 +23,45 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import Distribution, kl_divergence
 
-from pvae.inference._weights import _PARTICLE_PLATE, DATA_PLATE, checked_plate_nesting, log_weights
+from pvae.checks import check_int
+from pvae.inference._weights import checked_plate_nesting, data_frame, importance_weights, reduce_per_datum
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "SiteDensities", "compare"]
+
+#: Points of the grid on which a continuous site's densities are evaluated, per datum.
+GRID_POINTS = 600
+
+
+@dataclass
+class SiteDensities:
+    """The guide's (and the exact posterior's) density at one latent site, per datum, as plain tensors.
+
+    For a continuous scalar site, ``points`` is an (M, G) grid of z values per column (datum) covering the
+    guide's draws (and the exact posterior's mean ± 4 standard deviations), and ``guide``/``posterior`` are
+    the densities there, (M, G). For a discrete site, ``points`` holds the K values of its support,
+    (K, *event), and ``guide``/``posterior`` their probabilities, (M, K). ``posterior`` is ``None`` without
+    an exact posterior. The guide's distribution is that of one run of the guide (exact for a guide with a
+    single latent site; for several, conditional on one draw of the others).
+    """
+
+    discrete: bool
+    points: torch.Tensor
+    guide: torch.Tensor
+    posterior: torch.Tensor | None
 
 
 @dataclass
 class Comparison:
-    """Result of :func:`compare`. Totals are sums over the ``"data"`` plate; ``per_datum`` has (N,) tensors.
+    """Result of :func:`compare`: plain numbers and tensors. Totals are sums over the ``"data"`` plate;
+    ``per_datum`` has (N,) tensors.
 
     ``kl`` and ``kl_stderr`` are ``None`` without a posterior; ``log_marginal_exact`` says whether
     ``log_marginal`` is the exact value or an IWAE estimate from the same particles. Terms of sites outside
     the ``"data"`` plate (global latents) are spread evenly over the data in ``per_datum``; the IWAE
-    estimate is exact in expectation only for pairs without global latents.
+    estimate is exact in expectation only for pairs without global latents. ``samples`` are the guide's
+    draws at ``site``, (num_samples, *batch, *event) with ``event_shape`` the site's event shape;
+    ``densities`` what :meth:`plot` draws (``None`` when the site is neither scalar nor discrete);
+    ``data`` the data, ``args[0]``, when it is a tensor.
     """
 
     elbo: float
@@ -47,11 +75,18 @@ class Comparison:
     num_samples: int
     site: str | None
     per_datum: dict[str, torch.Tensor | None] = field(repr=False)
-    samples: torch.Tensor | None = field(default=None, repr=False)  # (num_samples, N, ...) guide draws
-    # for plots: callables producing the densities that were compared
-    _posterior: object = field(default=None, repr=False)
-    _guide_fn: object = field(default=None, repr=False)
+    samples: torch.Tensor | None = field(default=None, repr=False)
+    event_shape: tuple[int, ...] | None = None
+    densities: SiteDensities | None = field(default=None, repr=False)
     data: torch.Tensor | None = field(default=None, repr=False)
+
+    def labels(self) -> list[str]:
+        """One label per datum: ``"x=…"`` for scalar data, else the datum's index."""
+        n = self.per_datum["elbo"].shape[0]
+        data = self.data
+        if isinstance(data, torch.Tensor) and data.dim() > 0 and data.shape[0] == n and data[0].numel() == 1:
+            return [f"x={value:.3g}" for value in data.reshape(-1).tolist()]
+        return [str(i) for i in range(n)]
 
     def table(self, labels: list[str] | None = None, digits: int = 4) -> str:
         """A plain-text per-datum table (and totals)."""
@@ -83,20 +118,18 @@ class Comparison:
 
     def _rows(self, labels):
         n = self.per_datum["elbo"].shape[0]
-        labels = labels or _default_labels(self.data, n)
-        rows = []
-        for i in range(n):
-            kl = self.per_datum["kl"]
-            rows.append(
-                {
-                    "datum": labels[i],
-                    "log p(x)": self.per_datum["log_marginal"][i].item(),
-                    "ELBO": self.per_datum["elbo"][i].item(),
-                    "gap": self.per_datum["gap"][i].item(),
-                    "KL(q||p)": None if kl is None else kl[i].item(),
-                }
-            )
-        return rows
+        labels = labels or self.labels()
+        kl = self.per_datum["kl"]
+        return [
+            {
+                "datum": labels[i],
+                "log p(x)": self.per_datum["log_marginal"][i].item(),
+                "ELBO": self.per_datum["elbo"][i].item(),
+                "gap": self.per_datum["gap"][i].item(),
+                "KL(q||p)": None if kl is None else kl[i].item(),
+            }
+            for i in range(n)
+        ]
 
     def to_dict(self) -> dict:
         """JSON-ready: totals and per-datum lists."""
@@ -120,7 +153,8 @@ class Comparison:
         return out
 
     def plot(self, path: str, max_panels: int = 9, labels: list[str] | None = None) -> str:
-        """Overlay, per datum, the exact posterior density, the guide density and a histogram of guide draws.
+        """Overlay, per datum, the exact posterior density, the guide density and a histogram of guide draws
+        (:func:`pvae.plots.plot_comparison`).
 
         Continuous scalar sites get density curves; discrete sites get side-by-side bars of probabilities.
         """
@@ -135,31 +169,10 @@ def _fmt(value, digits):
     return f"{value:.{digits}f}"
 
 
-def _default_labels(data, n):
-    if isinstance(data, torch.Tensor) and data.shape[0] == n and data[0].numel() == 1:
-        return [f"x={value:.3g}" for value in data.reshape(-1).tolist()]
-    return [str(i) for i in range(n)]
-
-
 def _latent_sites(trace) -> list[str]:
     return [
         name for name, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]
     ]
-
-
-def _site_log_prob_per_datum(site, value, fn, particle_dim, num_samples):
-    """log fn(value) reduced to (num_samples, N) over the "data" plate, like the ELBO terms."""
-    log_prob = fn.log_prob(value)
-    depth = -particle_dim
-    if log_prob.dim() < depth:
-        log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape)
-    log_prob = log_prob.expand((num_samples,) + log_prob.shape[1:])
-    frames = {frame.name: frame for frame in site["cond_indep_stack"]}
-    if DATA_PLATE in frames:
-        keep = {0, depth + frames[DATA_PLATE].dim}
-        drop = [axis for axis in range(log_prob.dim()) if axis not in keep]
-        return (log_prob.sum(dim=drop) if drop else log_prob).reshape(num_samples, -1)
-    return log_prob.reshape(num_samples, -1).sum(-1, keepdim=True)
 
 
 def compare(
@@ -174,6 +187,9 @@ def compare(
 ) -> Comparison:
     """Compare ``guide`` with the exact posterior of ``model``, per datum over the ``"data"`` plate.
 
+    The importance weights are those of :func:`pvae.inference.log_weights` (one vectorized draw of
+    ``num_samples`` particles): their mean per datum is the ELBO, their log-mean-exp the IWAE estimate.
+
     :param model: Pyro model; data points in ``pyro.plate("data", N)``, N ≥ 1.
     :param guide: Pyro guide (any pair: nothing here knows a concrete family).
     :param args: the data, passed to model, guide, ``posterior`` and ``log_marginal`` alike; a tensor
@@ -183,15 +199,12 @@ def compare(
         size at the ``"data"`` plate's dim is not N raises ``ValueError`` rather than broadcasting.
     :param log_marginal: callable ``log_marginal(*args, **kwargs)`` returning the exact log p(x), (N,);
         any other shape raises ``ValueError``.
-    :param num_samples: guide particles, ≥ 2.
+    :param num_samples: guide particles, ≥ 2 (a standard error needs two).
     :param site: latent site that ``posterior`` describes; needed only when the guide has several.
     :param kwargs: passed to model, guide and the callables.
     :returns: :class:`Comparison`.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(
-            f"num_samples must be an integer ≥ 2 (a standard error needs two), got {num_samples!r}"
-        )
+    num_samples = check_int("num_samples", num_samples, low=2)
     if posterior is not None and not callable(posterior):
         raise ValueError("posterior must be a callable taking the model's arguments, e.g. family.posterior")
     if log_marginal is not None and not callable(log_marginal):
@@ -200,8 +213,8 @@ def compare(
         )
     with torch.no_grad():
         nesting = checked_plate_nesting(model, guide, args, kwargs)
-        weights = log_weights(model, guide, args, kwargs, num_samples, "guide", max_plate_nesting=nesting)
-        log_w = weights.per_datum + weights.global_.unsqueeze(-1) / weights.per_datum.shape[-1]  # (S, N)
+        weights = importance_weights(model, guide, args, kwargs, num_samples, max_plate_nesting=nesting)
+        log_w = weights.per_datum  # (S, N)
         latents = _latent_sites(weights.guide_trace)
         if site is None and posterior is not None:
             if len(latents) != 1:
@@ -217,8 +230,7 @@ def compare(
             )
 
         elbo_per_datum = log_w.mean(0)  # (N,)
-        total_per_particle = log_w.sum(-1)  # (S,)
-        elbo_stderr = (total_per_particle.std(unbiased=True) / math.sqrt(num_samples)).item()
+        elbo_stderr = (weights.joint.std(unbiased=True) / math.sqrt(num_samples)).item()
         if log_marginal is not None:
             log_marginal_per_datum = _as_log_marginal(log_marginal(*args, **kwargs), elbo_per_datum)
             if log_marginal_per_datum.shape != elbo_per_datum.shape:
@@ -229,31 +241,33 @@ def compare(
         else:
             log_marginal_per_datum = torch.logsumexp(log_w, 0) - math.log(num_samples)
 
-        kl_per_datum, kl_stderr, samples, guide_fn = None, None, None, None
+        samples = event_shape = guide_site = guide_fn = exact = None
         if site is not None:
             guide_site = weights.guide_trace.nodes[site]
-            samples, guide_fn = guide_site["value"], guide_site["fn"]
-        kl_method = None
+            samples, event_shape = guide_site["value"], tuple(guide_site["fn"].event_shape)
+            plottable = not event_shape or getattr(guide_site["fn"].support, "is_discrete", False)
+            if posterior is not None or plottable:
+                guide_fn = _site_distribution(guide, site, args, kwargs)
+        kl_per_datum, kl_stderr, kl_method = None, None, None
         if posterior is not None:
             exact = posterior(*args, **kwargs)
             _check_posterior(exact, site, guide_site)
-            kl_per_datum = _analytic_kl(guide, site, latents, exact, guide_site, args, kwargs)
+            if latents == [site]:  # one latent site: q at it cannot depend on other draws
+                kl_per_datum = _analytic_kl(guide_fn, exact, guide_site, weights.particle_dim)
             if kl_per_datum is not None:
                 kl_method, kl_stderr = "analytic", 0.0
             else:
-                log_q = _site_log_prob_per_datum(
-                    guide_site, samples, guide_fn, weights.particle_dim, num_samples
-                )
-                log_p = _site_log_prob_per_datum(
-                    guide_site, samples, exact, weights.particle_dim, num_samples
-                )
-                difference = log_q - log_p  # (S, N)
+                difference = _per_datum(
+                    guide_site["fn"].log_prob(samples) - exact.log_prob(samples), guide_site, weights
+                )  # (S, N)
                 kl_per_datum = difference.mean(0)
                 kl_stderr = (difference.sum(-1).std(unbiased=True) / math.sqrt(num_samples)).item()
                 kl_method = "monte-carlo"
+        densities = None
+        if guide_fn is not None and (not event_shape or getattr(guide_fn.support, "is_discrete", False)):
+            densities = site_densities(samples, guide_fn, exact)
 
     gap_per_datum = log_marginal_per_datum - elbo_per_datum
-    data = args[0] if args and isinstance(args[0], torch.Tensor) else None
     return Comparison(
         elbo=elbo_per_datum.sum().item(),
         elbo_stderr=elbo_stderr,
@@ -272,10 +286,17 @@ def compare(
             "kl": kl_per_datum,
         },
         samples=samples,
-        _posterior=(lambda: posterior(*args, **kwargs)) if posterior is not None else None,
-        _guide_fn=_single_draw_guide_fn(guide, site, args, kwargs) if site is not None else None,
-        data=data,
+        event_shape=event_shape,
+        densities=densities,
+        data=args[0] if args and isinstance(args[0], torch.Tensor) else None,
     )
+
+
+def _per_datum(log_prob: torch.Tensor, guide_site, weights) -> torch.Tensor:
+    """A log-density at the guide site reduced like the importance weights: (S, N), or (S, 1) outside
+    the ``"data"`` plate."""
+    terms, _ = reduce_per_datum(log_prob, guide_site, weights.particle_dim, weights.local.shape[0])
+    return terms
 
 
 def _as_log_marginal(value, like: torch.Tensor) -> torch.Tensor:
@@ -302,10 +323,7 @@ def _check_posterior(exact, site: str, guide_site: dict) -> None:
             f"posterior must return the exact p(z | x) at site {site!r} as a torch/Pyro distribution, "
             f"got {type(exact).__name__}"
         )
-    frame = next(
-        (frame for frame in guide_site["cond_indep_stack"] if frame.name == DATA_PLATE and frame.vectorized),
-        None,
-    )
+    frame = data_frame(guide_site)
     if frame is None:
         return  # a latent outside the "data" plate: no per-datum axis to check
     shape = exact.batch_shape + exact.event_shape
@@ -320,33 +338,78 @@ def _check_posterior(exact, site: str, guide_site: dict) -> None:
         )
 
 
-def _analytic_kl(guide, site, latents, exact, guide_site, args, kwargs):
-    """Closed-form KL(q ‖ p) per datum when it is exact and available, else None.
+def _analytic_kl(guide_fn, exact, guide_site, particle_dim: int) -> torch.Tensor | None:
+    """Closed-form KL(q ‖ p) per datum when ``torch.distributions.kl_divergence`` knows the pair, else None.
 
-    Exact when the guide has a single latent site (so its distribution there cannot depend on other
-    draws) and ``torch.distributions.kl_divergence`` knows the pair of distribution types.
+    Exact when the guide has a single latent site, so that its distribution there, from one run of the
+    guide, cannot depend on other draws.
     """
-    if latents != [site]:
-        return None
-    guide_fn = _single_draw_guide_fn(guide, site, args, kwargs)()
     try:
-        kl = kl_divergence(guide_fn, exact)
+        kl = kl_divergence(guide_fn, exact)  # the site's batch shape, no particle axis
     except NotImplementedError:
         return None
-    frames = {frame.name: frame for frame in guide_site["cond_indep_stack"] if frame.name != _PARTICLE_PLATE}
-    if DATA_PLATE not in frames:
-        return kl.sum().reshape(1)
-    dim = frames[DATA_PLATE].dim
-    kl = kl.reshape((1,) * max(0, -dim - kl.dim()) + kl.shape)
-    return kl.sum(dim=[axis for axis in range(-kl.dim(), 0) if axis != dim]) if kl.dim() > 1 else kl
+    terms, _ = reduce_per_datum(kl, guide_site, particle_dim, 1)
+    return terms[0]  # (N,), or (1,) for a site outside the "data" plate
 
 
-def _single_draw_guide_fn(guide, site, args, kwargs):
-    """A callable giving the guide's distribution at ``site`` from one unvectorized run (for plots)."""
+def _site_distribution(guide, site, args, kwargs) -> Distribution:
+    """The guide's distribution at ``site`` in one unvectorized run of the guide."""
+    with poutine.block():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return trace.nodes[site]["fn"]
 
-    def guide_fn():
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        return trace.nodes[site]["fn"]
 
-    return guide_fn
+def _density(distribution, values: torch.Tensor) -> torch.Tensor:
+    """Density of each batch entry of a scalar distribution at its own points: ``values`` (G, *batch) →
+    (G, M) with M the number of batch entries.
+
+    Points outside the support get density 0; they are swapped for a draw before ``log_prob`` so that
+    argument validation stays on.
+    """
+    safe_point = distribution.sample().expand_as(values)
+    inside = distribution.support.check(values)
+    log_prob = distribution.log_prob(torch.where(inside, values, safe_point))
+    return torch.where(inside, log_prob.exp(), torch.zeros_like(log_prob)).reshape(values.shape[0], -1)
+
+
+def site_densities(samples: torch.Tensor, guide_fn, exact=None) -> SiteDensities:
+    """The densities :func:`pvae.plots.plot_comparison` draws, as plain tensors (see :class:`SiteDensities`).
+
+    :param samples: guide draws at the site, (S, *batch, *event).
+    :param guide_fn: the guide's distribution at the site, batch shape ``batch``.
+    :param exact: the exact posterior there, or ``None``.
+    """
+    if getattr(guide_fn.support, "is_discrete", False):
+        values = guide_fn.enumerate_support(expand=False)  # (K, 1, …, *event)
+        num_values = values.shape[0]
+
+        def probabilities(distribution):
+            return distribution.log_prob(values).reshape(num_values, -1).exp().transpose(0, 1)  # (M, K)
+
+        return SiteDensities(
+            discrete=True,
+            points=values.reshape(num_values, *guide_fn.event_shape),
+            guide=probabilities(guide_fn),
+            posterior=None if exact is None else probabilities(exact),
+        )
+    batch_shape = guide_fn.batch_shape
+    columns = samples.reshape(samples.shape[0], -1).double()  # (S, M)
+    bounds = torch.tensor([0.001, 0.999], dtype=torch.float64, device=columns.device)
+    low, high = torch.quantile(columns, bounds, dim=0)  # (M,) each
+    if exact is not None:
+        try:
+            mean = exact.mean.double().reshape(-1).expand_as(low)
+            std = exact.variance.double().sqrt().reshape(-1).expand_as(low)
+            low, high = torch.minimum(low, mean - 4 * std), torch.maximum(high, mean + 4 * std)
+        except (NotImplementedError, AttributeError, RuntimeError):
+            pass  # no closed-form moments: the guide's draws set the range
+    pad = 0.05 * (high - low + 1e-12)
+    fraction = torch.linspace(0, 1, GRID_POINTS, dtype=torch.float64, device=columns.device)
+    points = (low - pad).unsqueeze(-1) + (high - low + 2 * pad).unsqueeze(-1) * fraction  # (M, G)
+    values = points.transpose(0, 1).reshape(GRID_POINTS, *batch_shape).to(samples.dtype)  # (G, *batch)
+    return SiteDensities(
+        discrete=False,
+        points=points,
+        guide=_density(guide_fn, values).transpose(0, 1),
+        posterior=None if exact is None else _density(exact, values).transpose(0, 1),
+    )

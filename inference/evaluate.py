@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pvae.checks import check_int
 from pvae.inference.evidence import log_evidence
 from pvae.inference.train import batch_data
 from pvae.utils import progress_bar, resolve_device, seed_everything
@@ -90,8 +91,9 @@ def evaluate_log_likelihood(
     :param progress: progress bar over batches (stderr, terminal only).
     :returns: :class:`LogLikelihood`.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = check_int("num_samples", num_samples)
+    if particles_per_batch is not None:
+        particles_per_batch = check_int("particles_per_batch", particles_per_batch)
     model, guide, family = _pair(family_or_model_guide)
     if family is not None and hasattr(family, "to"):
         if device is not None:

@@ -1,4 +1,5 @@
-"""Importance-sampled estimates of the per-datum log evidence log p(x) for any model/guide pair."""
+"""Per-datum log importance weights, and the importance-sampled log evidence log p(x) they give, for any
+model/guide pair."""
 
 from __future__ import annotations
 
@@ -6,18 +7,13 @@ import math
 
 import torch
 
-from pvae.inference._weights import checked_plate_nesting, log_weights, point_mass_sites
+from pvae.checks import check_choice, check_int
+from pvae.inference._weights import PROPOSALS, checked_plate_nesting, importance_weights, point_mass_sites
 
-__all__ = ["estimator_spread", "log_evidence", "per_datum_log_weights"]
-
-
-def _check_num(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+__all__ = ["estimator_spread", "log_evidence", "log_weights"]
 
 
-def per_datum_log_weights(
+def log_weights(
     model,
     guide,
     *args,
@@ -26,29 +22,44 @@ def per_datum_log_weights(
     particles_per_batch: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Log importance weights log w[s, n] for ``num_samples`` particles, shape (num_samples, N).
+    r"""Per-datum log importance weights log w[i, n] of ``num_samples`` particles, shape (num_samples, N).
 
-    Global (non-``"data"``-plate) terms, if any, are shared by all data and added to every datum, which is
-    exact for a pair with no global latents. Particles are drawn in batches of ``particles_per_batch``
-    (default 100) so memory stays bounded. Empty data (N = 0), or 0-d data the pair cannot run on, raise
-    ``ValueError``.
+    .. math:: \log w_{i,n} = \log p(x_n, z_{n,i}) - \log q(z_{n,i} \mid x_n), \quad z_{n,i} \sim q
+              \qquad (\text{or } \log p(x_n \mid z_{n,i}),\; z_{n,i} \sim p(z) \text{ for proposal="prior"}),
+
+    summed over every plate but the ``"data"`` plate (N ≥ 1 data points; a pair without that plate is one
+    datum). This is the one reduction behind :func:`log_evidence`, :func:`pvae.inference.compare` and
+    :class:`pvae.inference.IWAE_ELBO`: log-mean-exp over particles gives the IWAE-k estimate, the mean the
+    ELBO. Terms of sites outside the ``"data"`` plate (global latents), if any, are spread evenly over the
+    data, so each row sums to the particle's joint log weight of the batch; per-datum weights are then exact
+    only for a pair without global latents. Densities are unscaled: a subsampled data plate's scale N/B is
+    not in them. No gradients are recorded.
+
+    :param model: Pyro model; data points in ``pyro.plate("data", N)``.
+    :param guide: Pyro guide with the same latent sites (ignored for ``proposal="prior"``). A guide with a
+        point-mass (Delta) site raises ``ValueError``: there is no density to weigh.
+    :param args: the data and any other arguments of model and guide; an empty data tensor ``args[0]``
+        (N = 0), or 0-d data the pair cannot run on, raise ``ValueError``.
+    :param num_samples: particles per datum, ≥ 1.
+    :param proposal: ``"guide"`` (importance sampling) or ``"prior"`` (naive Monte Carlo).
+    :param particles_per_batch: particles drawn at once (default ``min(num_samples, 100)``), so memory
+        stays bounded.
+    :param kwargs: passed to model and guide.
+    :returns: (num_samples, N) tensor.
     """
-    _check_num("num_samples", num_samples)
-    if proposal not in ("guide", "prior"):
-        raise ValueError(
-            f"proposal must be 'guide' (importance sampling) or 'prior' (naive), got {proposal!r}"
-        )
+    check_int("num_samples", num_samples)
+    check_choice("proposal", proposal, PROPOSALS)
+    particles_per_batch = check_int(
+        "particles_per_batch", min(num_samples, 100) if particles_per_batch is None else particles_per_batch
+    )
     nesting = checked_plate_nesting(model, guide if proposal == "guide" else None, args, kwargs)
-    if particles_per_batch is None:
-        particles_per_batch = min(num_samples, 100)
-    _check_num("particles_per_batch", particles_per_batch)
     chunks = []
     remaining = num_samples
     with torch.no_grad():
         while remaining > 0:
             size = min(particles_per_batch, remaining)
-            weights = log_weights(model, guide, args, kwargs, size, proposal, max_plate_nesting=nesting)
-            if weights.guide_trace is not None and len(chunks) == 0:
+            weights = importance_weights(model, guide, args, kwargs, size, proposal, nesting)
+            if weights.guide_trace is not None and not chunks:
                 delta_sites = point_mass_sites(weights.guide_trace)
                 if delta_sites:
                     raise ValueError(
@@ -56,7 +67,7 @@ def per_datum_log_weights(
                         "log p(x) cannot be importance-sampled through it; an autoencoder has no marginal "
                         "likelihood: report its reconstruction error, or use a guide with a density"
                     )
-            chunks.append(weights.per_datum + weights.global_.unsqueeze(-1))
+            chunks.append(weights.per_datum)
             remaining -= size
     return torch.cat(chunks, dim=0)
 
@@ -88,8 +99,10 @@ def log_evidence(
     :param return_ess: also return the effective sample size per datum, (Σ w)² / Σ w².
     :param particles_per_batch: draw particles in batches of this size to bound memory.
     :returns: (N,) tensor of log p(x_n) estimates; with ``return_ess``, ``(estimate, ess)``, both (N,).
+
+    The weights are :func:`log_weights`'s (see there for global latents and data checks).
     """
-    log_w = per_datum_log_weights(
+    log_w = log_weights(
         model,
         guide,
         *args,
@@ -119,8 +132,7 @@ def estimator_spread(
     drawn; returned are their per-datum mean, standard deviation and mean effective sample size:
     ``{"prior"|"guide": {k: {"mean": (N,), "std": (N,), "ess": (N,)}}}``.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
-        raise ValueError(f"repeats must be an integer ≥ 2, got {repeats!r}")
+    check_int("repeats", repeats, low=2)
     spread: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for proposal in ("prior", "guide"):
         spread[proposal] = {}

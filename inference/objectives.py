@@ -4,7 +4,8 @@
 
 - ``"elbo"``: :class:`pyro.infer.Trace_ELBO`, every term by Monte Carlo (the KL too);
 - ``"meanfield"``: :class:`pyro.infer.TraceMeanField_ELBO`, the KL of each latent site in closed form when
-  Pyro knows it (for a Gaussian guide against a Gaussian prior: seed 2's ½(−log σ² + μ² + σ² − 1));
+  Pyro knows it (for a Gaussian guide against a standard normal prior: ½(−log σ² + μ² + σ² − 1) per
+  coordinate);
 - ``"iwae"``: :class:`IWAE_ELBO`, the importance-weighted bound of Burda et al. (2016), Eq. 8,
 
   .. math:: \\mathcal L_k = \\sum_n \\mathbb E\\Big[\\log \\frac1k \\sum_{i=1}^k
@@ -28,27 +29,17 @@ bound is taken over the joint weight of the batch instead, as ``RenyiELBO`` does
 from __future__ import annotations
 
 import math
-import numbers
 
-import pyro
 import torch
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
-from pyro.infer.enum import get_importance_trace
 
-from pvae.inference._weights import guess_max_plate_nesting
+from pvae.checks import check_int
+from pvae.inference._weights import guess_max_plate_nesting, importance_weights
 
-__all__ = ["DATA_PLATE", "IWAE_ELBO", "OBJECTIVES", "make_elbo"]
+__all__ = ["IWAE_ELBO", "OBJECTIVES", "make_elbo"]
 
 OBJECTIVES = ("elbo", "meanfield", "iwae")
-DATA_PLATE = "data"
-_PARTICLE_PLATE = "iwae_particles"
-
-
-def _check_particles(num_particles) -> int:
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-    return num_particles
 
 
 def make_elbo(objective: str | ELBO = "elbo", num_particles: int = 1, jit: bool = False) -> ELBO:
@@ -62,9 +53,9 @@ def make_elbo(objective: str | ELBO = "elbo", num_particles: int = 1, jit: bool 
     """
     if isinstance(objective, ELBO):
         return objective
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES} or a Pyro ELBO instance, got {objective!r}")
-    num_particles = _check_particles(num_particles)
+    num_particles = check_int("num_particles", num_particles)
     if objective == "iwae":
         if jit:
             raise ValueError(
@@ -79,33 +70,12 @@ def make_elbo(objective: str | ELBO = "elbo", num_particles: int = 1, jit: bool 
     return cls(num_particles=num_particles)
 
 
-def _scale_of(site) -> float | torch.Tensor:
-    scale = site["scale"]
-    return float(scale) if isinstance(scale, numbers.Number) else scale
-
-
-def _same_scale(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
-    return False
-
-
-def _masked(log_prob: torch.Tensor, mask) -> torch.Tensor:
-    """Pyro's masking of a log-density (``scale_and_mask`` without the scale)."""
-    if mask is None or mask is True:
-        return log_prob
-    if mask is False:
-        return torch.zeros_like(log_prob)
-    return torch.where(mask, log_prob, log_prob.new_zeros(()))
-
-
 class IWAE_ELBO(ELBO):
     """The importance-weighted bound (IWAE-k, Burda et al. 2016, Eq. 8), log-mean-exp taken per datum.
 
     With particles z_{n,1..k} ~ q(z | x_n) drawn in an outer (vectorized) plate and
-    log w_{n,i} = log p(x_n, z_{n,i}) − log q(z_{n,i} | x_n), the loss is
+    log w_{n,i} = log p(x_n, z_{n,i}) − log q(z_{n,i} | x_n) (the weights of
+    :func:`pvae.inference.log_weights`, from the same function), the loss is
 
     .. math:: -\\, s \\sum_n \\Big(\\operatorname{logsumexp}_i \\log w_{n,i} - \\log k\\Big),
 
@@ -116,83 +86,47 @@ class IWAE_ELBO(ELBO):
     :param num_particles: k ≥ 1 (k = 1 is the ELBO).
     :param max_plate_nesting: depth of the deepest plate of model and guide (guessed on first use, without
         disturbing the random number stream, when left at infinity).
-    :param data_plate: name of the plate whose entries are independent data.
     """
 
-    def __init__(
-        self, num_particles: int = 2, max_plate_nesting: float = float("inf"), data_plate: str = DATA_PLATE
-    ):
+    def __init__(self, num_particles: int = 2, max_plate_nesting: float = float("inf")):
         super().__init__(
-            num_particles=_check_particles(num_particles),
+            num_particles=check_int("num_particles", num_particles),
             max_plate_nesting=max_plate_nesting,
-            vectorize_particles=False,  # the particle plate is ours (it must exist for k = 1 as well)
+            vectorize_particles=False,  # the particle plate is pvae's own (it must exist for k = 1 as well)
         )
-        self.data_plate = data_plate
 
-    # ---- traces ------------------------------------------------------------------------------------------
     def _nesting(self, model, guide, args, kwargs) -> int:
         if self.max_plate_nesting == float("inf"):
-            devices = [
-                arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.device.type == "cuda"
-            ]
-            with torch.random.fork_rng(devices=devices[:1]):  # guessing runs the program once: keep the RNG
-                self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         return int(self.max_plate_nesting)
 
     def _get_trace(self, model, guide, args, kwargs):
+        """(model trace, guide trace) of one vectorized draw of the k particles (Pyro's ELBO interface)."""
+        weights = self._weights(model, guide, args, kwargs)
+        return weights.model_trace, weights.guide_trace
+
+    def _weights(self, model, guide, args, kwargs):
         nesting = self._nesting(model, guide, args, kwargs)
-        plate = pyro.plate(_PARTICLE_PLATE, self.num_particles, dim=-(nesting + 1))
-        return get_importance_trace("flat", nesting + 1, plate(model), plate(guide), args, kwargs)
+        return importance_weights(model, guide, args, kwargs, self.num_particles, max_plate_nesting=nesting)
 
     def log_weights(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float | torch.Tensor, bool]:
         """Log importance weights of one vectorized draw of k particles.
 
         :returns: ``(log_w, scale, per_datum)``: ``log_w`` is (k, N) with N the ``"data"`` plate's batch
             size when the weights factor over data (``per_datum=True``), else (k, 1) joint weights of the
-            whole batch; ``scale`` is the common subsampling scale of the sites.
+            whole batch (a site outside the ``"data"`` plate, a global latent, couples the data); ``scale``
+            is the common subsampling scale of the sites.
         """
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        nesting = int(self.max_plate_nesting) + 1  # batch rank including the particle plate
-        k = self.num_particles
-        per_datum, joint = None, None
-        scales = []
-        all_in_data = True
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if sign < 0 and not getattr(site["fn"], "has_rsample", False):
-                    raise ValueError(
-                        f"IWAE_ELBO needs reparameterized guide sites, but site {name!r} draws from "
-                        f"{type(site['fn']).__name__}, which has no rsample"
-                    )
-                scales.append(_scale_of(site))
-                log_prob = _masked(site["unscaled_log_prob"], site["mask"])
-                log_prob = log_prob.reshape((1,) * (nesting - log_prob.dim()) + log_prob.shape)
-                log_prob = log_prob.expand((k,) + log_prob.shape[1:])  # (k, ...) batch dims, rank `nesting`
-                frames = {frame.name: frame for frame in site["cond_indep_stack"]}
-                data_frame = frames.get(self.data_plate)
-                if data_frame is not None and data_frame.vectorized:
-                    axis = nesting + data_frame.dim  # counted from the left
-                    drop = [d for d in range(1, nesting) if d != axis]
-                    term = (log_prob.sum(drop) if drop else log_prob).reshape(k, -1)  # (k, N)
-                    per_datum = sign * term if per_datum is None else per_datum + sign * term
-                else:
-                    all_in_data = False
-                    term = log_prob.reshape(k, -1).sum(-1, keepdim=True)  # (k, 1)
-                    joint = sign * term if joint is None else joint + sign * term
-        scale = scales[0] if scales else 1.0
-        for other in scales[1:]:
-            if not _same_scale(scale, other):
+        weights = self._weights(model, guide, args, kwargs)
+        for name, site in weights.guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
                 raise ValueError(
-                    "IWAE_ELBO needs one common scale for all sample sites (the data plate's subsampling "
-                    f"scale); found {scale} and {other} (poutine.scale inside the program?)"
+                    f"IWAE_ELBO needs reparameterized guide sites, but site {name!r} draws from "
+                    f"{type(site['fn']).__name__}, which has no rsample"
                 )
-        if per_datum is None:
-            return joint, scale, False
-        if not all_in_data:  # global sites: the weights do not factor over data
-            return per_datum.sum(-1, keepdim=True) + joint, scale, False
-        return per_datum, scale, True
+        if weights.has_global:
+            return weights.joint.unsqueeze(-1), weights.scale, False
+        return weights.local, weights.scale, True
 
     # ---- the bound ---------------------------------------------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Stochastic variational inference on any model/guide pair."""
+"""Stochastic variational inference on any model/guide pair, and the learning-rate schedule pvae uses.
+
+The schedule (:func:`scheduled_lr`) is the one geometric decay of both training loops: :func:`fit` (with
+``lr_end``, or an optimizer from :func:`scheduled_adam`) and :func:`pvae.inference.train` (with ``lr_end``).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,65 @@ import math
 
 import pyro
 import pyro.optim
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 
+from pvae.checks import check_int, check_positive
 from pvae.utils import progress_bar, seed_everything
 
-__all__ = ["fit"]
+__all__ = ["fit", "scheduled_adam", "scheduled_lr"]
+
+
+def scheduled_lr(lr: float, lr_end: float | None, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: lr·(lr_end/lr)^{k/(S−1)}.
+
+    The first step uses ``lr``, the last ``lr_end``: a constant factor (lr_end/lr)^{1/(S−1)} per step.
+
+    :param lr: the first step's rate.
+    :param lr_end: the last step's rate (``None``: constant ``lr``).
+    :param step: k, 0 ≤ k (steps past the end keep ``lr_end``).
+    :param total_steps: S ≥ 1.
+    :returns: the rate, a float.
+    """
+    if lr_end is None or total_steps <= 1:
+        return float(lr)
+    fraction = min(step, total_steps - 1) / (total_steps - 1)
+    return float(lr) * (float(lr_end) / float(lr)) ** fraction
+
+
+def scheduled_adam(lr: float, lr_end: float | None, num_steps: int) -> pyro.optim.PyroOptim:
+    """Pyro's Adam whose rate at step k of ``num_steps`` is :func:`scheduled_lr` (lr → lr_end).
+
+    A ``pyro.optim`` learning-rate scheduler: :func:`fit` advances it after every SVI step (a loop of your
+    own calls its ``step()`` after each ``SVI.step``). With ``lr_end=None`` it is plain ``Adam({"lr": lr})``.
+
+    :param lr: the first step's rate, > 0.
+    :param lr_end: the last step's rate, > 0, or ``None`` for a constant rate.
+    :param num_steps: S, the steps the schedule spans, ≥ 1.
+    """
+    lr = check_positive("lr", lr)
+    num_steps = check_int("num_steps", num_steps)
+    if lr_end is None:
+        return pyro.optim.Adam({"lr": lr})
+    lr_end = check_positive("lr_end", lr_end)
+    return pyro.optim.LambdaLR(
+        {
+            "optimizer": torch.optim.Adam,
+            "optim_args": {"lr": lr},
+            "lr_lambda": lambda step: scheduled_lr(lr, lr_end, step, num_steps) / lr,
+        }
+    )
+
+
+def _advance_schedule(optim: pyro.optim.PyroOptim, loss: float) -> None:
+    """Step a ``pyro.optim`` learning-rate scheduler once (ReduceLROnPlateau is given the loss)."""
+    if not isinstance(optim, pyro.optim.PyroLRScheduler):
+        return
+    if issubclass(optim.pt_scheduler_constructor, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        optim.step(loss)
+    else:
+        optim.step()
 
 
 def fit(
@@ -20,6 +77,7 @@ def fit(
     *args,
     num_steps: int = 1000,
     lr: float = 1e-2,
+    lr_end: float | None = None,
     loss: ELBO | None = None,
     seed: int | None = None,
     progress: bool = True,
@@ -35,22 +93,24 @@ def fit(
     :param model: Pyro model.
     :param guide: Pyro guide with the same latent sites.
     :param num_steps: number of SVI steps, ≥ 1.
-    :param lr: Adam learning rate, > 0 (ignored when ``optim`` is given).
+    :param lr: Adam learning rate, > 0 (of the first step with ``lr_end``; ignored when ``optim`` is given).
+    :param lr_end: if given (> 0), the rate decays geometrically from ``lr`` to ``lr_end`` at the last step
+        (:func:`scheduled_lr`, the schedule of :func:`pvae.inference.train`).
     :param loss: any Pyro ELBO (default ``Trace_ELBO()``), e.g. ``TraceMeanField_ELBO()`` or
         ``TraceEnum_ELBO(max_plate_nesting=1)`` for enumerated discrete latents.
     :param seed: seeds Python, NumPy, torch and Pyro first.
     :param progress: show a progress bar (on stderr, and only when it is a terminal).
-    :param optim: a Pyro optimizer to use instead of ``Adam({"lr": lr})`` (e.g. ``ClippedAdam`` with decay).
+    :param optim: a Pyro optimizer to use instead of Adam with ``lr``/``lr_end`` (e.g. from
+        :func:`scheduled_adam`); a ``pyro.optim`` learning-rate scheduler is advanced after every step.
     :returns: the loss after each step.
     :raises FloatingPointError: when the loss becomes NaN or infinite (the step is named).
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if optim is None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    num_steps = check_int("num_steps", num_steps)
+    if optim is None:
+        optim = scheduled_adam(lr, lr_end, num_steps)
     if seed is not None:
         seed_everything(seed)
-    svi = SVI(model, guide, optim or pyro.optim.Adam({"lr": lr}), loss or Trace_ELBO())
+    svi = SVI(model, guide, optim, loss or Trace_ELBO())
     losses: list[float] = []
     with progress_bar(range(num_steps), progress=progress, desc="SVI") as bar:
         for step in bar:
@@ -63,6 +123,7 @@ def fit(
                     )
                 raise FloatingPointError(f"SVI loss became {value} at step {step}; try a smaller lr")
             losses.append(value)
+            _advance_schedule(optim, value)
             if step % 50 == 0 or step == num_steps - 1:
                 bar.set_postfix(loss=f"{value:.4g}")
     return losses

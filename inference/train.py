@@ -2,16 +2,18 @@
 
 :func:`train` is generic: it needs a family (an ``nn.Module`` with ``model``/``guide``, or a
 ``svi_program(objective) -> (model, guide, elbo)`` method for pairs trained on another objective, e.g. a
-diffusion model's time-subsampled pair) and a loader yielding ``x`` or ``(x, labels)``. Every step computes
-Pyro's own ELBO for the pair (:class:`~pvae.inference.step.SVIStep`); ``engine="trace"``/``"compile"``
-replay a recorded graph of that same computation.
+diffusion model's time-subsampled pair; a family that trains some other objective than the one asked for
+returns ``(model, guide, elbo, name)`` and the history names what trained) and a loader yielding ``x`` or
+``(x, labels)``. Every step computes Pyro's own ELBO for the pair (:class:`~pvae.inference.step.SVIStep`);
+``engine="trace"``/``"compile"`` replay a recorded graph of that same computation.
 
 Reported numbers are in **nats per datum**: the train ELBO of an epoch is −(Σ step losses)/(Σ batch sizes)
 over its steps (parameters move during the epoch, as usual), the test ELBO the same objective evaluated on
 the test loader without gradients after the epoch.
 
 Learning rate: constant by default; with ``lr_end`` it decays geometrically per optimizer step, step k of
-S = epochs × len(train_loader) (k = 0 … S − 1, counted over the whole run) using
+S = epochs × len(train_loader) (k = 0 … S − 1, counted over the whole run) following
+:func:`pvae.inference.scheduled_lr`, the schedule :func:`pvae.inference.fit` uses too:
 
     lr_k = lr · (lr_end / lr)^{k / (S − 1)},
 
@@ -43,8 +45,10 @@ from pvae.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from pvae.checks import check_choice, check_int, check_positive
 from pvae.inference.objectives import make_elbo
 from pvae.inference.step import ENGINES, SVIStep
+from pvae.inference.svi import scheduled_lr
 from pvae.utils import progress_bar, resolve_device, seed_everything
 
 __all__ = ["History", "batch_data", "scheduled_lr", "train"]
@@ -57,7 +61,8 @@ class History:
     ``train_elbo``/``test_elbo``: nats per datum after each epoch (for a non-ELBO objective such as a
     diffusion model's L_simple, minus that objective); ``epoch_seconds``: wall time of each epoch's training
     pass; ``eval_seconds``: of its test evaluation; ``step_losses``: the loss per datum of every step;
-    ``objective``: the objective of the latest epochs; ``changes``: settings changed when the run was
+    ``objective``: the objective that trained the latest epochs (as the family's ``svi_program`` names it,
+    when it has one); ``changes``: settings changed when the run was
     resumed (``train(..., allow_changes=True)``), each ``{"epoch": first epoch under the new settings,
     setting: [old, new], …}``.
     """
@@ -96,35 +101,6 @@ def batch_data(batch) -> torch.Tensor:
     return batch
 
 
-def _check_epochs(epochs) -> int:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    return epochs
-
-
-def _check_lr_end(lr_end) -> float | None:
-    if lr_end is None:
-        return None
-    if isinstance(lr_end, bool) or not (isinstance(lr_end, int | float) and 0 < lr_end < float("inf")):
-        raise ValueError(f"lr_end must be a finite number > 0 (or None for a constant lr), got {lr_end!r}")
-    return float(lr_end)
-
-
-def scheduled_lr(lr: float, lr_end: float | None, step: int, total_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: lr·(lr_end/lr)^{k/(S−1)}.
-
-    :param lr: the first step's rate.
-    :param lr_end: the last step's rate (``None``: constant ``lr``).
-    :param step: k, 0 ≤ k (steps past the end keep ``lr_end``).
-    :param total_steps: S ≥ 1.
-    :returns: the rate, a float.
-    """
-    if lr_end is None or total_steps <= 1:
-        return float(lr)
-    fraction = min(step, total_steps - 1) / (total_steps - 1)
-    return float(lr) * (float(lr_end) / float(lr)) ** fraction
-
-
 # Settings a resumed run must share with the saved one (unless allow_changes): they change what is being
 # optimized or on what data. The engine, jit and the epoch count change neither.
 _RESUME_SETTINGS = ("objective", "lr", "lr_end", "num_particles")
@@ -155,18 +131,36 @@ def _loader_generator(loader) -> torch.Generator | None:
 
 
 def _program(family, objective, num_particles: int, jit: bool):
-    """(model, guide, training ELBO, evaluation ELBO) for the family and objective."""
+    """(model, guide, training ELBO, evaluation ELBO, name of the objective that trains) for the family.
+
+    A family with ``svi_program(objective)`` hands over its own pair and loss: ``(model, guide, elbo)``
+    when it trains the objective asked for, or ``(model, guide, elbo, name)`` naming the objective it
+    trains instead; the history records that name.
+    """
     svi_program = getattr(family, "svi_program", None)
     if callable(svi_program):
-        model, guide, elbo = svi_program(objective)
-        return model, guide, elbo, elbo
+        program = svi_program(objective)
+        if not isinstance(program, tuple) or len(program) not in (3, 4):
+            raise ValueError(
+                f"{type(family).__name__}.svi_program must return (model, guide, elbo) or "
+                f"(model, guide, elbo, objective name), got {type(program).__name__}"
+            )
+        model, guide, elbo = program[:3]
+        name = program[3] if len(program) == 4 else _objective_name(objective)
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"{type(family).__name__}.svi_program must name the objective it trains by a non-empty "
+                f"string, got {name!r}"
+            )
+        return model, guide, elbo, elbo, name
     elbo = make_elbo(objective, num_particles=num_particles, jit=jit)
     # Pyro's jitted ELBOs freeze batch shapes: evaluate test batches with the plain ELBO of the same kind.
     evaluation = make_elbo(objective, num_particles=num_particles) if jit else elbo
-    return family.model, family.guide, elbo, evaluation
+    return family.model, family.guide, elbo, evaluation, _objective_name(objective)
 
 
 def _objective_name(objective) -> str:
+    """A named objective's name, or the class name of a Pyro ELBO instance (e.g. ``"Trace_ELBO"``)."""
     return objective if isinstance(objective, str) else type(objective).__name__
 
 
@@ -210,8 +204,9 @@ def train(
     """Fit a family by SVI with Adam for a number of epochs over ``train_loader``.
 
     :param family: an ``nn.Module`` with ``model(x)``/``guide(x)`` (a :class:`pvae.family.Family`), or with
-        ``svi_program(objective) -> (model, guide, elbo)``. If it has ``after_step()``, that is called after
-        every optimizer step (e.g. an exponential moving average of weights).
+        ``svi_program(objective) -> (model, guide, elbo)`` (or ``(model, guide, elbo, name)`` when it trains
+        another objective than the one asked for, named ``name``). If it has ``after_step()``, that is
+        called after every optimizer step (e.g. an exponential moving average of weights).
     :param train_loader: iterable of ``x`` or ``(x, labels)`` batches, re-iterated every epoch
         (:class:`pvae.data.BatchLoader` is the fast choice); batches are moved to the family's device.
     :param test_loader: optional; the objective is evaluated on it after every epoch.
@@ -251,9 +246,8 @@ def train(
         empty ``train_loader``; :class:`~pvae.checkpoint.CheckpointError` (a ``ValueError``) for a malformed
         checkpoint.
     """
-    epochs = _check_epochs(epochs)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    epochs = check_int("epochs", epochs)
+    check_choice("engine", engine, ENGINES)
     if jit and engine != "eager":
         raise ValueError(f"jit=True (Pyro's JitTrace_ELBO) runs with engine='eager', not engine={engine!r}")
     if resume and checkpoint is None:
@@ -265,7 +259,7 @@ def train(
             f"checkpoint {os.fspath(checkpoint)} already exists: pass resume=True to continue that run or "
             "overwrite=True to replace it"
         )
-    lr_end = _check_lr_end(lr_end)
+    lr_end = None if lr_end is None else check_positive("lr_end (the last step's rate, or None)", lr_end)
     if lr_end is not None and not hasattr(train_loader, "__len__"):
         raise ValueError("lr_end needs a train_loader with len() (the schedule spans epochs × len(loader))")
     steps_per_epoch = len(train_loader) if lr_end is not None else None
@@ -275,7 +269,7 @@ def train(
     if seed is not None:
         seed_everything(seed)
 
-    model, guide, elbo, evaluation_elbo = _program(family, objective, num_particles, jit)
+    model, guide, elbo, evaluation_elbo, objective_name = _program(family, objective, num_particles, jit)
     after_step = getattr(family, "after_step", None)
     step = SVIStep(
         model,
@@ -288,7 +282,7 @@ def train(
         adam_kwargs=adam_kwargs,
         compile_options=compile_options,
     )
-    history = History(objective=_objective_name(objective))
+    history = History(objective=objective_name)
     train_config = {
         "objective": history.objective,
         "lr": float(lr),

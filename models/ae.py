@@ -1,6 +1,7 @@
 """Autoencoder and denoising autoencoder as Pyro model/guide pairs.
 
-An autoencoder (seed 2: x → encoder → z → decoder → x̃, loss ‖x − x̃‖²) is the probabilistic pair
+An autoencoder (x → encoder → z → decoder → x̃, trained on the squared-error loss ‖x − x̃‖²) is the
+probabilistic pair
 
     model:  z ~ flat (improper uniform) prior      # site "z", log density 0
             x | z ~ Normal(decoder(z), s² I)        # site "x"
@@ -11,7 +12,7 @@ log-likelihood of the reconstruction, exactly
 
     ELBO = −SSE / (2 s²) − (D / 2) · log(2π s²),      SSE = Σ (x − decoder(encoder(x)))²,
 
-with D the number of observed entries: maximizing it is minimizing the seed's squared-error loss.
+with D the number of observed entries: maximizing it is minimizing the squared-error loss ‖x − x̃‖².
 
 A denoising autoencoder (Vincent et al. 2008) feeds the guide a corrupted copy x̃ of each datum — masking
 (each entry set to zero with probability p, the original paper's choice) or additive Gaussian noise — while
@@ -20,10 +21,11 @@ with torch's global generator (seeded by ``pyro.set_rng_seed``) and is not a Pyr
 
 Neither family has a marginal likelihood: the flat prior is improper, so log p(x) is undefined, and a
 point-mass guide gives no importance weights. Report :meth:`AE.reconstruction_error` instead;
-``pvae.inference.log_evidence`` refuses a point-mass guide.
+``pvae.inference.log_evidence`` refuses a point-mass guide. Nor has either a prior predictive:
+``model(x=None, num_data=N)`` raises ``ValueError`` (there is no distribution to draw codes from).
 
-Data: (batch, x_dim), or sequences (batch, length, x_dim) on which the networks act per position (the
-seed's example: length × 96 features). Event dims of ``"z"`` and ``"x"`` are then (length, ·).
+Data: (batch, x_dim), or sequences (batch, length, x_dim) on which the networks act per position (e.g.
+length × 96 features). Event dims of ``"z"`` and ``"x"`` are then (length, ·).
 """
 
 from __future__ import annotations
@@ -35,9 +37,16 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
+from pvae.checks import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_num_data,
+    check_positive,
+    check_probability,
+)
 from pvae.family import Family, register_family
 from pvae.networks import mlp
-from pvae.utils import check_finite, check_positive
 
 __all__ = ["AE", "CORRUPTIONS", "DAE", "AEConfig", "DAEConfig", "FlatPrior"]
 
@@ -87,12 +96,6 @@ def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor
     return tensor
 
 
-def _check_dim(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 @dataclass
 class AEConfig:
     """Constructor arguments of :class:`AE` (field for field)."""
@@ -121,9 +124,9 @@ class DAEConfig:
 class AE(Family):
     """Autoencoder: flat prior on ``"z"``, Gaussian likelihood on ``"x"``, point-mass guide z = encoder(x).
 
-    Networks as in seed 2: encoder Linear(x_dim, hidden_dim) → ReLU → Linear(hidden_dim, z_dim), decoder
-    Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim). The defaults (96 → 128 → 512) are the
-    seed's sequence example; use ``x_dim=784`` for flattened 28×28 images.
+    Networks: the MLP encoder Linear(x_dim, hidden_dim) → ReLU → Linear(hidden_dim, z_dim) and decoder
+    Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim). The defaults (96 → 128 → 512) suit
+    sequences of 96 features per position; use ``x_dim=784`` for flattened 28×28 images.
 
     It has no marginal likelihood (see the module docstring): its ``Trace_ELBO`` is
     −SSE/(2 scale²) − (D/2)·log(2π scale²), a rescaled squared reconstruction error.
@@ -146,9 +149,9 @@ class AE(Family):
         name: str | None = None,
     ):
         super().__init__(name)
-        _check_dim("x_dim", x_dim)
-        _check_dim("hidden_dim", hidden_dim)
-        _check_dim("z_dim", z_dim)
+        check_int("x_dim", x_dim)
+        check_int("hidden_dim", hidden_dim)
+        check_int("z_dim", z_dim)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.scale = check_positive("scale", scale)
         self.encoder = mlp([x_dim, hidden_dim, z_dim])
@@ -182,17 +185,29 @@ class AE(Family):
         return x
 
     # ---- the model/guide pair ----------------------------------------------------------------------------
-    def model(self, x: torch.Tensor) -> None:
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> None:
         """Flat prior on ``"z"``; ``"x"`` ~ Normal(decoder(z), scale²) on every entry.
 
         The flat prior cannot be sampled: run the model with a guide (e.g. under ``Trace_ELBO``).
 
         :param x: (batch, x_dim) or (batch, length, x_dim).
+        :param num_data: with ``x``, the number of data points (it must equal the batch size); without, the
+            family contract's ``model(x=None, num_data=N)``, which this family cannot honour: it raises
+            ``ValueError`` (no prior predictive to draw from).
         """
+        if x is None:
+            raise ValueError(
+                f"{type(self).__name__} cannot draw data from a prior predictive (model(x=None, "
+                f"num_data={num_data!r})): its prior on the code 'z' is flat (improper), a constant "
+                "density with no distribution to sample codes from. Pass data x instead (and score it under "
+                "the guide, e.g. Trace_ELBO), decode the codes of real data with decode(encode(x)), or use a "
+                "VAE (pvae.models.vae.VAE), whose Normal(0, I) prior can be sampled"
+            )
         x = self._prepare(x)
+        size = check_num_data(num_data, x)
         pyro.module(self.name, self)
         event_dims = x.dim() - 1
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", size):
             code_shape = (*x.shape[1:-1], self.z_dim)  # (z_dim,) or (length, z_dim)
             z = pyro.sample("z", FlatPrior(x.shape[:1], code_shape))
             loc = self.decoder(z)  # shaped like x (with any leading particle dims)
@@ -202,14 +217,15 @@ class AE(Family):
                 obs=x,
             )
 
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """Point mass at the code: ``"z"`` ~ Delta(encoder(x)) (a DAE encodes a corrupted x).
 
         :param x: the same data as given to :meth:`model`.
+        :param num_data: as for :meth:`model` (with data, it must equal the batch size).
         """
         x = self._prepare(x)
         pyro.module(self.name, self)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", check_num_data(num_data, x)):
             code = self.encoder(self._encoder_input(x))  # (batch, z_dim) or (batch, length, z_dim)
             pyro.sample("z", dist.Delta(code, event_dim=x.dim() - 1))
 
@@ -239,8 +255,7 @@ class AE(Family):
             ``"sum"``: summed squared error over its entries (the SSE of the ELBO identity).
         :returns: (batch,) tensor.
         """
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_choice("reduction", reduction, REDUCTIONS)
         x = self._prepare(x)
         squared = (x - self.decoder(self.encoder(x))).square().flatten(1)  # (batch, D)
         return squared.mean(1) if reduction == "mean" else squared.sum(1)
@@ -253,7 +268,7 @@ class DAE(AE):
     Corruptions (Vincent et al. 2008):
 
     - ``"mask"``: each entry is set to zero independently with probability ``noise`` = p ∈ [0, 1)
-      (masking noise, as in the original paper and seed 2);
+      (masking noise, as in the original paper);
     - ``"gaussian"``: x̃ = x + ``noise``·ε with ε ~ Normal(0, I) (``noise`` = standard deviation > 0).
 
     Like :class:`AE` it has no marginal likelihood. :meth:`reconstruct` and
@@ -281,15 +296,9 @@ class DAE(AE):
         name: str | None = None,
     ):
         super().__init__(x_dim, hidden_dim, z_dim, scale, name)
-        if corruption not in CORRUPTIONS:
-            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+        check_choice("corruption", corruption, CORRUPTIONS)
         if corruption == "mask":
-            try:
-                noise = float(noise)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"noise (masking probability) must be in [0, 1), got {noise!r}") from error
-            if not 0.0 <= noise < 1.0:
-                raise ValueError(f"noise (masking probability) must be in [0, 1), got {noise!r}")
+            noise = check_probability("noise (masking probability)", noise, include_one=False)
         else:
             noise = check_positive("noise (Gaussian corruption's standard deviation)", noise)
         self.corruption, self.noise = corruption, noise

@@ -10,7 +10,8 @@ log joint log p(x, z = e_k) as a (K, N) table; its log-sum-exp over k is log p(x
 posterior p(z | x) (Bayes' rule). ``TraceEnum_ELBO`` with an empty guide computes the same evidence.
 
 Sites: ``"z"`` (latent, event shape (K,)) and ``"x"`` (observed, event shape (D,)) in
-``pyro.plate("data", N)``; x has shape (N, D), or (N,) when D = 1.
+``pyro.plate("data", N)``; x has shape (N, D), or (N,) when D = 1. ``model(x=None, num_data=N)`` draws
+(N, D) data at site ``"x"`` from the prior predictive, whose mean is Σ_k π_k μ_k.
 
 The amortized guide q_φ(z | x) = OneHotCategorical(softmax(f_φ(x))) is a small network shared across x.
 Its site is marked for parallel enumeration, so under ``TraceEnum_ELBO`` it is trained with the exact
@@ -29,9 +30,9 @@ import torch
 from pyro.infer import config_enumerate
 from torch import nn
 
+from pvae.checks import check_finite, check_int, check_num_data
 from pvae.family import Family, register_family
 from pvae.networks import mlp
-from pvae.utils import check_finite
 
 __all__ = ["GaussianMixture", "GaussianMixtureConfig"]
 
@@ -88,8 +89,7 @@ class GaussianMixture(Family):
         scales_tensor = _as_matrix("scales", scales, num_components)
         if scales_tensor.shape != locs_tensor.shape or not (scales_tensor > 0).all():
             raise ValueError(f"scales must be > 0 with the shape of locs {tuple(locs_tensor.shape)}")
-        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive integer, got {hidden_dim!r}")
+        hidden_dim = check_int("hidden_dim", hidden_dim)
         self.config = GaussianMixtureConfig(
             tuple(float(w) for w in weights), _nested(locs), _nested(scales), hidden_dim, self.name
         )
@@ -111,15 +111,23 @@ class GaussianMixture(Family):
             raise ValueError(f"x is an empty batch, shape {shape}: a batch needs at least one datum")
         return x
 
-    def _constants(self, x: torch.Tensor):
-        return (self.weights.to(x), self.locs.to(x), self.scales.to(x))
+    def _constants(self, like: torch.Tensor):
+        """π, μ and σ with the dtype and device of ``like``."""
+        return (self.weights.to(like), self.locs.to(like), self.scales.to(like))
 
     # ---- model and exact inference ---------------------------------------------------------------------
-    def model(self, x: torch.Tensor) -> None:
-        """z ~ OneHotCategorical(π); x | z ~ Normal(zᵀμ, zᵀσ) with D independent coordinates."""
-        x = self._check(x)
-        weights, locs, scales = self._constants(x)
-        with pyro.plate("data", x.shape[0]):
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> None:
+        """z ~ OneHotCategorical(π); x | z ~ Normal(zᵀμ, zᵀσ) with D independent coordinates.
+
+        :param x: (N, D) data, or (N,) for D = 1; ``None`` to draw x at site ``"x"`` from the prior
+            predictive, (num_data, D), in the dtype and on the device of the family's buffers.
+        :param num_data: the number of data points to draw when ``x`` is ``None``.
+        """
+        if x is not None:
+            x = self._check(x)
+        size = check_num_data(num_data, x)
+        weights, locs, scales = self._constants(x if x is not None else self.locs)
+        with pyro.plate("data", size):
             z = pyro.sample("z", dist.OneHotCategorical(weights))  # (…, N, K), one-hot
             pyro.sample("x", dist.Normal(z @ locs, z @ scales).to_event(1), obs=x)  # mean (…, N, D)
 
@@ -140,12 +148,15 @@ class GaussianMixture(Family):
         return dist.OneHotCategorical(logits=log_joint.transpose(0, 1))  # (N, K)
 
     # ---- guide ---------------------------------------------------------------------------------------
-    def guide(self, x: torch.Tensor) -> None:
-        """Amortized q_φ(z | x) = OneHotCategorical(logits = f_φ(x)), enumerated under TraceEnum_ELBO."""
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """Amortized q_φ(z | x) = OneHotCategorical(logits = f_φ(x)), enumerated under TraceEnum_ELBO.
+
+        ``num_data``, as for :meth:`model`, must equal the number of data points when given.
+        """
         x = self._check(x)
         pyro.module(self.name, self)
         logits = self.encoder(x.to(_net_dtype(self))).to(x.dtype)  # (N, K)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", check_num_data(num_data, x)):
             pyro.sample("z", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"})
 
     amortized_guide = guide
@@ -154,8 +165,7 @@ class GaussianMixture(Family):
         self, num_points: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw (x, component) from the model: (num_points, D) and (num_points,) integer labels."""
-        if int(num_points) < 1:
-            raise ValueError(f"num_points must be ≥ 1, got {num_points!r}")
+        num_points = check_int("num_points", num_points)
         labels = torch.multinomial(self.weights, num_points, replacement=True, generator=generator)
         noise = torch.randn(num_points, self.data_dim, generator=generator, dtype=self.locs.dtype)
         return self.locs[labels] + self.scales[labels] * noise, labels

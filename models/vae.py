@@ -8,14 +8,17 @@ Generative story (``model``), for each datum in the ``"data"`` plate::
 
 Amortized guide (``guide``)::
 
-    μ, log σ² = chunk(encoder(x), 2)                   # seed 2's encoder: Linear → LeakyReLU(0.2) → Linear
+    μ, log σ² = chunk(encoder(x), 2)                   # the MLP encoder Linear → LeakyReLU(0.2) → Linear
     z ~ Normal(μ, σ²)                                  # site "z", reparameterized: z = μ + σ ⊙ ε
 
 The ELBO is E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)) ≤ log p(x), and for this pair the KL has the closed
-form (seed 2; Kingma & Welling 2014, Appendix B) KL = ½ Σ_j (−log σ_j² + μ_j² + σ_j² − 1).
+form (Kingma & Welling 2014, Appendix B) KL = ½ Σ_j (−log σ_j² + μ_j² + σ_j² − 1).
 ``Trace_ELBO`` estimates the KL by Monte Carlo, ``TraceMeanField_ELBO`` uses the closed form; both
-estimate the same ELBO. With the Bernoulli likelihood and binary data, −log p(x | z) is seed 2's summed
-binary cross-entropy, computed from logits (no sigmoid inside the network).
+estimate the same ELBO. With the Bernoulli likelihood and binary data, −log p(x | z) is the summed binary
+cross-entropy between x and sigmoid(decoder(z)), computed from logits (no sigmoid inside the network).
+
+``model(x=None, num_data=N)`` draws from the prior predictive: z ~ Normal(0, I), then x at site ``"x"``
+(binary under the Bernoulli likelihood).
 
 Data: (batch, x_dim) tensors; (batch, H, W) and (batch, C, H, W) images with C·H·W = x_dim are flattened.
 A Bernoulli likelihood takes binary data only: binarize grey levels first (``BatchLoader(...,
@@ -32,8 +35,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pvae.checks import check_choice, check_finite, check_int, check_num_data, check_positive
 from pvae.family import Family, register_family
-from pvae.utils import check_finite, check_positive
 
 __all__ = ["LIKELIHOODS", "VAE", "VAEConfig", "flatten_data"]
 
@@ -50,12 +53,6 @@ class VAEConfig:
     likelihood: str = "bernoulli"
     name: str | None = None
     scale: float = 0.1
-
-
-def _check_dim(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
@@ -88,7 +85,7 @@ def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
 
 @register_family("vae")
 class VAE(Family):
-    """Variational autoencoder with seed 2's MLP encoder/decoder.
+    """Variational autoencoder with MLP encoder and decoder.
 
     Encoder: Linear(x_dim, hidden_dim) → LeakyReLU(0.2) → Linear(hidden_dim, 2·z_dim), chunked into μ and
     log σ². Decoder: Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim), giving Bernoulli logits
@@ -119,11 +116,10 @@ class VAE(Family):
         scale: float = 0.1,
     ):
         super().__init__(name)
-        _check_dim("x_dim", x_dim)
-        _check_dim("z_dim", z_dim)
-        _check_dim("hidden_dim", hidden_dim)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        check_int("x_dim", x_dim)
+        check_int("z_dim", z_dim)
+        check_int("hidden_dim", hidden_dim)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
         scale = check_positive("scale", scale)
         self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, self.name, scale)
         self.x_dim, self.z_dim, self.likelihood, self.scale = x_dim, z_dim, likelihood, scale
@@ -193,25 +189,32 @@ class VAE(Family):
         return loc, (0.5 * log_var).exp()
 
     # ---- the model/guide pair ----------------------------------------------------------------------------
-    def model(self, x: torch.Tensor) -> None:
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> None:
         """p(z) p(x | z): ``"z"`` ~ Normal(0, I), ``"x"`` observed under the decoder's likelihood.
 
-        :param x: (batch, x_dim) data (binary under a Bernoulli likelihood) or images (:func:`flatten_data`).
+        :param x: (batch, x_dim) data (binary under a Bernoulli likelihood) or images (:func:`flatten_data`);
+            ``None`` to draw x at site ``"x"`` from the prior predictive, (num_data, x_dim), in the dtype and
+            on the device of the parameters.
+        :param num_data: the number of data points to draw when ``x`` is ``None``.
         """
-        x = self._prepare(x)
+        if x is not None:
+            x = self._prepare(x)
+        size = check_num_data(num_data, x)
         pyro.module(self.name, self)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self._prior(x))  # (batch, z_dim), or (particles, batch, z_dim)
+        like = x if x is not None else self.decoder[0].weight  # the dtype and device of the draws
+        with pyro.plate("data", size):
+            z = pyro.sample("z", self._prior(like))  # (batch, z_dim), or (particles, batch, z_dim)
             pyro.sample("x", self._likelihood(self.decoder(z)), obs=x)
 
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = Normal(μ(x), diag σ²(x)), amortized by the encoder.
 
         :param x: the same data as given to :meth:`model`.
+        :param num_data: as for :meth:`model` (with data, it must equal the batch size).
         """
         x = self._prepare(x)
         pyro.module(self.name, self)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", check_num_data(num_data, x)):
             loc, scale = self._encode(x)  # (batch, z_dim) each
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -256,7 +259,7 @@ class VAE(Family):
         :param generator: optional torch generator (on the module's device) for reproducible draws.
         :returns: (n, x_dim) in the parameters' dtype.
         """
-        _check_dim("n", n)
+        check_int("n", n)
         weight = self.decoder[0].weight
         z = torch.randn(n, self.z_dim, device=weight.device, dtype=weight.dtype, generator=generator)
         mean_x = self.decode(z)  # (n, x_dim)
@@ -269,7 +272,7 @@ class VAE(Family):
 
     @staticmethod
     def analytic_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_j (−log σ_j² + μ_j² + σ_j² − 1) (seed 2), summed over the last dim.
+        """KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_j (−log σ_j² + μ_j² + σ_j² − 1), summed over the last dim.
 
         :param loc: (..., z_dim) means μ.
         :param scale: (..., z_dim) standard deviations σ.

@@ -337,58 +337,42 @@ def _panel_grid(count: int):
     return figure, axes.flat
 
 
-def _density(distribution, values: torch.Tensor, index: int) -> torch.Tensor:
-    """Density of datum ``index`` of a distribution with batch (N,) (or scalar) at ``values`` (G,).
-
-    Points outside the support get density 0; they are swapped for a draw before ``log_prob`` so that
-    argument validation stays on.
-    """
-    with torch.no_grad():
-        safe_point = distribution.sample()  # (N,) or ()
-        grid = (
-            values.to(safe_point.dtype).reshape(-1, *([1] * safe_point.dim())).expand(-1, *safe_point.shape)
-        )
-        inside = distribution.support.check(grid)
-        log_prob = distribution.log_prob(torch.where(inside, grid, safe_point.expand_as(grid)))
-        density = torch.where(inside, log_prob.exp(), torch.zeros_like(log_prob))
-    density = density.reshape(len(values), -1)
-    return density[:, index if density.shape[1] > 1 else 0].cpu()
-
-
 def plot_comparison(comparison, path: str, max_panels: int = 9, labels: list[str] | None = None) -> str:
     """One panel per datum (up to ``max_panels``): exact posterior, guide density, histogram of guide draws.
 
+    Reads only the comparison's data: its guide draws (``samples``), the densities on a grid per datum
+    (``densities``: curves for a continuous scalar site, bars of probabilities for a discrete one), the
+    per-datum KL and labels.
+
     :param comparison: a :class:`pvae.inference.Comparison` of a scalar or discrete latent site.
     :param path: PNG file to write.
+    :param max_panels: draw at most this many data.
+    :param labels: panel titles, one per datum (default: the comparison's own).
     :returns: ``path``.
     """
     path = _check_path(path)
-    if comparison.samples is None or comparison._guide_fn is None:
+    if comparison.samples is None:
         raise ValueError("this comparison has no single latent site to plot; pass site= to compare()")
-    guide_fn = comparison._guide_fn()
-    exact = comparison._posterior() if comparison._posterior is not None else None
-    discrete = getattr(guide_fn.support, "is_discrete", False)
-    event_shape = tuple(getattr(guide_fn, "event_shape", ()))
-    if event_shape and not discrete:
+    densities = comparison.densities
+    if densities is None:
         raise ValueError(
             f"plot() draws scalar continuous or discrete latent sites; site {comparison.site!r} has event "
-            f"shape {event_shape}"
+            f"shape {comparison.event_shape}"
         )
-    samples = comparison.samples.detach().cpu()  # (S, N, *event) for a site in the data plate
+    event_shape = tuple(comparison.event_shape or ())
+    samples = comparison.samples.detach().cpu()
     num_samples = samples.shape[0]
-    samples = samples.reshape(num_samples, -1, *event_shape)
+    samples = samples.reshape(num_samples, -1, *event_shape)  # (S, M, *event): one column per datum
     count = min(samples.shape[1], max_panels)
-    n = comparison.per_datum["elbo"].shape[0]
-    labels = labels or _labels(comparison.data, n)
+    labels = labels or comparison.labels()
+    kl = comparison.per_datum["kl"]
     figure, axes = _panel_grid(count)
     for index, axis in zip(range(count), axes):
-        column = samples[:, index]
-        if discrete:
-            _discrete_panel(axis, column, guide_fn, exact, index)
+        if densities.discrete:
+            _discrete_panel(axis, samples[:, index], densities, index)
         else:
-            _continuous_panel(axis, column, guide_fn, exact, index)
-        kl = comparison.per_datum["kl"]
-        title = labels[index]
+            _continuous_panel(axis, samples[:, index], densities, index)
+        title = str(labels[index])
         if kl is not None:
             title += f"   KL(q‖p) = {kl[index].item():.2g}"
         axis.set_title(title, fontsize=9)
@@ -398,61 +382,37 @@ def plot_comparison(comparison, path: str, max_panels: int = 9, labels: list[str
     return _save_figure(figure, path)
 
 
-def _continuous_panel(axis, column, guide_fn, exact, index):
-    low, high = torch.quantile(column.double(), torch.tensor([0.001, 0.999], dtype=torch.float64)).tolist()
-    if exact is not None:
-        try:
-            mean, std = exact.mean[index].item(), exact.variance[index].sqrt().item()
-            low, high = min(low, mean - 4 * std), max(high, mean + 4 * std)
-        except (NotImplementedError, AttributeError, IndexError):
-            pass
-    pad = 0.05 * (high - low + 1e-12)
-    grid = torch.linspace(low - pad, high + pad, 600, dtype=torch.float64)
+def _column(values: torch.Tensor, index: int) -> np.ndarray:
+    """Row ``index`` of an (M, ·) table of densities, or its only row when it is shared by all data."""
+    return values[index if values.shape[0] > 1 else 0].detach().double().cpu().numpy()
+
+
+def _continuous_panel(axis, column, densities, index):
+    grid = _column(densities.points, index)
     axis.hist(
         column.double().numpy(), bins=60, density=True, color="tab:blue", alpha=0.3, label="guide draws"
     )
-    axis.plot(grid.numpy(), _density(guide_fn, grid, index).numpy(), color="tab:blue", label="guide q(z|x)")
-    if exact is not None:
-        axis.plot(grid.numpy(), _density(exact, grid, index).numpy(), "k--", label="exact p(z|x)")
+    axis.plot(grid, _column(densities.guide, index), color="tab:blue", label="guide q(z|x)")
+    if densities.posterior is not None:
+        axis.plot(grid, _column(densities.posterior, index), "k--", label="exact p(z|x)")
     axis.set_xlabel("z")
 
 
-def _labels(data, n):
-    if isinstance(data, torch.Tensor) and data.shape[0] == n and data[0].numel() == 1:
-        return [f"x = {v:.3g}" for v in data.reshape(-1).tolist()]
-    return [f"datum {i}" for i in range(n)]
-
-
-def _discrete_panel(axis, column, guide_fn, exact, index):
+def _discrete_panel(axis, column, densities, index):
     """Bars of probabilities over the K values of a discrete site (categorical or one-hot)."""
-    values = guide_fn.enumerate_support(expand=False)  # (K, 1, …, *event)
+    values = densities.points.detach().cpu()  # (K, *event)
     num_values = values.shape[0]
-    event_dims = len(guide_fn.event_shape)
+    event_dims = values.dim() - 1
     width = 0.27
-    positions = torch.arange(num_values, dtype=torch.float64)
-    guide_probs = guide_fn.log_prob(values).reshape(num_values, -1)[:, index].exp().cpu()
-    flat_values = values.reshape(num_values, *guide_fn.event_shape).cpu()  # (K, *event)
-    matches = column.unsqueeze(1) == flat_values.unsqueeze(0)  # (S, K, *event)
-    counts = (
-        matches.reshape(*matches.shape[:2], -1).all(-1).double().mean(0)
-        if event_dims
-        else matches.double().mean(0)
-    )
-    axis.bar(
-        (positions - width).numpy(), counts.numpy(), width, color="tab:blue", alpha=0.3, label="guide draws"
-    )
-    axis.bar(positions.numpy(), guide_probs.numpy(), width, color="tab:blue", label="guide q(z|x)")
-    if exact is not None:
-        exact_probs = exact.log_prob(values).reshape(num_values, -1)[:, index].exp().cpu()
-        axis.bar(
-            (positions + width).numpy(),
-            exact_probs.numpy(),
-            width,
-            color="k",
-            alpha=0.7,
-            label="exact p(z|x)",
-        )
-    axis.set_xticks(positions.numpy(), [str(k) for k in range(num_values)])
+    positions = np.arange(num_values, dtype=np.float64)
+    matches = column.unsqueeze(1) == values.to(column.dtype).unsqueeze(0)  # (S, K, *event)
+    frequencies = matches.reshape(*matches.shape[:2], -1).all(-1).double().mean(0)  # (K,)
+    axis.bar(positions - width, frequencies.numpy(), width, color="tab:blue", alpha=0.3, label="guide draws")
+    axis.bar(positions, _column(densities.guide, index), width, color="tab:blue", label="guide q(z|x)")
+    if densities.posterior is not None:
+        exact = _column(densities.posterior, index)
+        axis.bar(positions + width, exact, width, color="k", alpha=0.7, label="exact p(z|x)")
+    axis.set_xticks(positions, [str(k) for k in range(num_values)])
     axis.set_xlabel("z (component)" if event_dims else "z")
     axis.set_ylim(0, 1.05)
 

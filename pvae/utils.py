@@ -1,24 +1,32 @@
-"""Small shared helpers: seeding, devices, and input validation at the library's boundary."""
+"""Small shared helpers: seeding, devices, atomic writes, progress bars, and log1mexp.
+
+The argument checks (``check_finite``, ``check_positive``, …) live in :mod:`pvae.checks`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import pyro
 import torch
 from tqdm.auto import tqdm
 
+# The argument checks live in pvae.checks; re-exported here for code that imports them from pvae.utils.
+from pvae.checks import check_finite, check_positive
+
 __all__ = [
     "check_finite",
     "check_positive",
     "default_device",
+    "log1mexp",
     "progress_bar",
     "progress_enabled",
     "resolve_device",
@@ -116,27 +124,22 @@ def write_atomically(path: str | os.PathLike, write: Callable, *, binary: bool =
     return path
 
 
-def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a floating tensor with only finite entries."""
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must have a floating dtype (float32/float64), got {value.dtype}")
-    if not torch.isfinite(value).all():
-        bad = (~torch.isfinite(value)).sum().item()
-        raise ValueError(f"{name} must be finite; it has {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}")
-    return value
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    r"""log(1 − eˣ) for x ≤ 0, accurate near 0 and far below it (Mächler 2012), with NaN-free gradients.
 
+    .. math:: \log(1 - e^x) = \begin{cases} \log(-\operatorname{expm1}(x)), & x > -\log 2,\\
+              \operatorname{log1p}(-e^x), & x \le -\log 2, \end{cases}
 
-def check_positive(name: str, value: float | Iterable[float]) -> float:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number > 0."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a real number > 0, got {value!r}") from error
-    if not (np.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
-    return number
+    each form where it loses no digits. Each branch only sees inputs valid for it, so ``torch.where`` has
+    no NaN gradient to mix in. x = 0 gives −inf (log 0).
+
+    :param x: a floating tensor with entries ≤ 0.
+    :returns: a tensor like ``x``.
+    """
+    near_zero = x > -math.log(2.0)
+    x_near = torch.where(near_zero, x, torch.full_like(x, -math.log(2.0)))
+    x_far = torch.where(near_zero, torch.full_like(x, -math.log(2.0)), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
 def progress_enabled(progress: bool = True) -> bool:

@@ -1,13 +1,16 @@
 """compare / log_evidence on pairs written here, not in the library: they must work for any user pair."""
 
+import dataclasses
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from matplotlib.image import imread
 
-from pvae.inference import compare, log_evidence
+from pvae.inference import IWAE_ELBO, compare, log_evidence, log_weights
 
 PRIOR_SCALE, NOISE = 2.0, 0.5
 
@@ -152,16 +155,40 @@ def test_nested_plates_and_event_dims_reduce_per_datum():
     torch.testing.assert_close(result.per_datum["elbo"], expected)
 
 
+def _picture(path):
+    return torch.from_numpy(imread(str(path))[..., :3].copy())  # (H, W, 3) in [0, 1]
+
+
 def test_table_dict_and_plot(tmp_path):
     result = compare(conjugate_model, shifted_guide, X, posterior=posterior, log_marginal=log_marginal)
     table = result.table()
     assert "x=-1.5" in table and "total" in table
     payload = result.to_dict()
     assert set(payload["per_datum"]) == {"elbo", "log_marginal", "gap", "kl"}
-    assert len(payload["per_datum"]["kl"]) == len(X)
+    assert payload["per_datum"]["kl"] == pytest.approx(analytic_kl(X).tolist())
     path = result.plot(str(tmp_path / "overlay.png"))
-    assert (tmp_path / "overlay.png").stat().st_size > 10_000 and path.endswith("overlay.png")
+    assert path.endswith("overlay.png")
+    picture = _picture(path)
+    assert picture.shape == (2 * 372, 3 * 504, 3)  # 4 panels, 3 per row, at 120 dpi
+    assert picture.std() > 0.05  # curves and bars, not a blank page
     assert "| **total** |" in result.markdown()
+
+
+def test_comparison_is_plain_data_with_the_densities_it_plots(tmp_path):
+    result = compare(conjugate_model, shifted_guide, X, posterior=posterior, num_samples=500)
+    for field in dataclasses.fields(result):
+        assert not callable(getattr(result, field.name)), field.name
+    densities = result.densities
+    assert not densities.discrete and densities.points.shape == (4, 600)
+    grid = densities.points.transpose(0, 1)  # (G, N): datum n's grid in column n
+    loc, scale = _shifted(X)
+    torch.testing.assert_close(densities.guide, dist.Normal(loc, scale).log_prob(grid).exp().transpose(0, 1))
+    torch.testing.assert_close(densities.posterior, posterior(X).log_prob(grid).exp().transpose(0, 1))
+    mean, std = _posterior_parameters(X)
+    assert (grid[0] < mean - 4 * std).all() and (grid[-1] > mean + 4 * std).all()  # the posterior's bulk
+    assert result.samples.shape == (500, 4) and result.event_shape == ()
+    copied = pickle.loads(pickle.dumps(result))  # nothing but data: it pickles, and plots as well
+    assert _picture(copied.plot(str(tmp_path / "copy.png"))).shape == (2 * 372, 3 * 504, 3)
 
 
 def test_discrete_site_plot(tmp_path):
@@ -175,8 +202,77 @@ def test_discrete_site_plot(tmp_path):
             pyro.sample("k", dist.Categorical(logits=torch.zeros(x.shape[0], 3)))
 
     result = compare(model, guide, torch.tensor([0.0, 2.0]), num_samples=200)
-    result.plot(str(tmp_path / "bars.png"))
-    assert (tmp_path / "bars.png").exists()
+    assert result.densities.discrete and result.densities.posterior is None
+    assert torch.equal(result.densities.points, torch.arange(3))
+    torch.testing.assert_close(result.densities.guide, torch.full((2, 3), 1 / 3))
+    picture = _picture(result.plot(str(tmp_path / "bars.png")))
+    assert picture.shape == (372, 2 * 504, 3) and picture.std() > 0.05
+
+
+def test_a_site_with_an_event_shape_has_no_plot(tmp_path):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    result = compare(model, guide, torch.tensor([0.0, 2.0]), num_samples=10)
+    assert result.densities is None and result.event_shape == (2,)
+    with pytest.raises(ValueError, match=r"scalar continuous or discrete .* event shape \(2,\)"):
+        result.plot(str(tmp_path / "none.png"))
+
+
+# ---- one log-weight reduction ----------------------------------------------------------------------------
+def test_log_weights_are_what_compare_log_evidence_and_iwae_reduce():
+    pyro.set_rng_seed(4)
+    log_w = log_weights(conjugate_model, shifted_guide, X, num_samples=300)
+    assert log_w.shape == (300, 4)
+    pyro.set_rng_seed(4)
+    result = compare(conjugate_model, shifted_guide, X, num_samples=300)
+    torch.testing.assert_close(result.per_datum["elbo"], log_w.mean(0))
+    torch.testing.assert_close(result.per_datum["log_marginal"], torch.logsumexp(log_w, 0) - math.log(300))
+    pyro.set_rng_seed(4)
+    torch.testing.assert_close(
+        log_evidence(conjugate_model, shifted_guide, X, num_samples=300),
+        torch.logsumexp(log_w, 0) - math.log(300),
+    )
+    pyro.set_rng_seed(4)
+    iwae, scale, per_datum = IWAE_ELBO(num_particles=300).log_weights(conjugate_model, shifted_guide, X)
+    assert per_datum and scale == 1.0
+    torch.testing.assert_close(iwae, log_w)
+    # by hand: log p(x, z) − log q(z | x) at the guide's draws
+    pyro.set_rng_seed(4)
+    z = dist.Normal(*_shifted(X)).rsample((300,))  # (300, 4): the guide's reparameterized draws
+    by_hand = (
+        dist.Normal(0.0, PRIOR_SCALE).log_prob(z)
+        + dist.Normal(z, NOISE).log_prob(X)
+        - dist.Normal(*_shifted(X)).log_prob(z)
+    )
+    torch.testing.assert_close(log_w, by_hand)
+
+
+def test_global_latent_terms_are_spread_so_each_row_is_the_joint_weight():
+    """shift ~ N(0, 1), x_n | shift ~ N(shift, 1): with the exact posterior of shift as the guide, every
+    particle's joint weight is log p(x_1..N) = log N(x; 0, I + 11ᵀ), and the rows of log_weights sum to it."""
+
+    def model(x):
+        shift = pyro.sample("shift", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(shift, 1.0), obs=x)
+
+    def exact_guide(x):
+        n = x.shape[0]
+        pyro.sample("shift", dist.Normal(x.sum() / (n + 1), (1.0 / (n + 1)) ** 0.5))
+
+    covariance = torch.eye(4, dtype=torch.float64) + 1.0
+    exact = dist.MultivariateNormal(torch.zeros(4, dtype=torch.float64), covariance).log_prob(X)
+    log_w = log_weights(model, exact_guide, X, num_samples=50)
+    assert log_w.shape == (50, 4)
+    torch.testing.assert_close(log_w.sum(-1), exact.expand(50))
+    assert (log_w.std(0) > 0.01).all()  # the local terms still vary with the draw of shift
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from pvae.inference import fit
+from pvae.inference import fit, scheduled_adam, scheduled_lr
+from pvae.models.toy import ExponentialGaussian
 
 
 def model(x):
@@ -23,9 +24,16 @@ def guide(x):
 
 def test_fit_reaches_the_posterior_and_reports_every_step():
     x = torch.tensor([-1.0, 0.5, 2.0])
-    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.998})
     losses = fit(
-        model, guide, x, num_steps=1500, optim=optim, loss=TraceMeanField_ELBO(), seed=0, progress=False
+        model,
+        guide,
+        x,
+        num_steps=1500,
+        lr=0.05,
+        lr_end=0.0025,
+        loss=TraceMeanField_ELBO(),
+        seed=0,
+        progress=False,
     )
     assert len(losses) == 1500
     # exact posterior N(x/2, 1/2)
@@ -48,13 +56,50 @@ def test_fit_stops_on_non_finite_loss():
             z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
             pyro.factor("broken", z * 0 - float("inf"))  # log density −∞
 
-    with pytest.raises(FloatingPointError, match="step 0"):
+    with pytest.raises(FloatingPointError, match="at the first step, before any update"):
         fit(nan_model, guide, torch.zeros(2), num_steps=5, progress=False)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"num_steps": 0}, {"num_steps": 2.5}, {"lr": 0.0}, {"lr": float("inf")}], ids=str
+    "kwargs",
+    [{"num_steps": 0}, {"num_steps": 2.5}, {"lr": 0.0}, {"lr": float("inf")}, {"lr_end": -1.0}],
+    ids=str,
 )
 def test_fit_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=r"num_steps|lr"):
         fit(model, guide, torch.zeros(2), **kwargs)
+
+
+@pytest.fixture
+def adam_rates(monkeypatch):
+    """The learning rate of every torch Adam step taken, in order."""
+    rates = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    return rates
+
+
+def test_fit_decays_the_rate_on_trains_geometric_schedule(adam_rates):
+    x = torch.tensor([0.3, 1.0])
+    fit(model, guide, x, num_steps=6, lr=1e-2, lr_end=1e-4, progress=False)
+    expected = [scheduled_lr(1e-2, 1e-4, k, 6) for k in range(6)]
+    assert expected[0] == 1e-2 and expected[-1] == pytest.approx(1e-4)
+    # one Adam per parameter (loc, scale), both stepped at the scheduled rate
+    assert adam_rates == pytest.approx([rate for rate in expected for _ in range(2)], rel=1e-12)
+    adam_rates.clear()
+    fit(model, guide, x, num_steps=3, optim=scheduled_adam(1e-2, 1e-4, 6), progress=False)  # half of it
+    assert adam_rates == pytest.approx([rate for rate in expected[:3] for _ in range(2)], rel=1e-12)
+
+
+def test_the_toys_fitting_recipe_uses_the_same_schedule(adam_rates):
+    family = ExponentialGaussian()
+    x = torch.tensor([-1.0, 2.0])
+    guide_fn, data, num_steps, optimizer = family.svi_setup("meanfield", x, num_steps=4)
+    fit(family.model, guide_fn, data, num_steps=num_steps, optim=optimizer, progress=False)
+    expected = [scheduled_lr(2e-2, 1e-4, k, 4) for k in range(4)]
+    assert adam_rates == pytest.approx([rate for rate in expected for _ in range(2)], rel=1e-12)

@@ -16,7 +16,7 @@ from torch import nn
 from pvae.checkpoint import CheckpointError, load_checkpoint
 from pvae.data import BatchLoader
 from pvae.family import Family, register_family
-from pvae.inference import History, SVIStep, train
+from pvae.inference import History, SVIStep, make_elbo, train
 from pvae.inference.train import scheduled_lr
 from pvae.models.vae import VAE
 
@@ -60,13 +60,23 @@ class Tiny(Family):
 
 @register_family("test-tiny-meanfield")
 class TinyMeanField(Tiny):
-    """Trains its own program: the analytic-KL ELBO whatever the objective asked for."""
+    """Trains its own program, the analytic-KL ELBO, whatever the objective asked for, and says so."""
 
     programs = []
 
     def svi_program(self, objective):
         TinyMeanField.programs.append(objective)
-        return self.model, self.guide, TraceMeanField_ELBO()
+        return self.model, self.guide, TraceMeanField_ELBO(), "meanfield"
+
+
+@register_family("test-tiny-own-program")
+class TinyOwnProgram(Tiny):
+    """Trains the objective asked for through a program of its own (as a diffusion model does)."""
+
+    def svi_program(self, objective):
+        if objective == "broken":
+            return self.model, self.guide
+        return self.model, self.guide, make_elbo(objective, num_particles=2)
 
 
 def _data(n=40, dim=6, seed=0):
@@ -256,12 +266,24 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert [name for name in os.listdir(tmp_path)] == ["run.pt"]  # no temporary files left behind
 
 
-def test_svi_program_and_after_step_hooks_are_used():
+def test_svi_program_and_after_step_hooks_are_used_and_the_history_names_what_trained(tmp_path):
     TinyMeanField.programs.clear()
+    torch.manual_seed(5)
     family = TinyMeanField()
-    history = train(family, _loader(), epochs=1, objective="iwae", num_particles=4, seed=0)
-    assert TinyMeanField.programs == ["iwae"]
-    assert family.steps_after == 5 and history.objective == "iwae"
+    history = train(
+        family, _loader(), epochs=1, objective="iwae", num_particles=4, seed=0, checkpoint=tmp_path / "a.pt"
+    )
+    assert TinyMeanField.programs == ["iwae"]  # asked for IWAE, it trained its own analytic-KL ELBO
+    assert family.steps_after == 5 and history.objective == "meanfield"
+    assert load_checkpoint(tmp_path / "a.pt")["train_config"]["objective"] == "meanfield"
+    torch.manual_seed(5)  # the same initial weights, trained on the objective the history names
+    reference = train(Tiny(), _loader(), epochs=1, objective="meanfield", seed=0)
+    assert history.step_losses == reference.step_losses
+
+    honest = train(TinyOwnProgram(), _loader(), epochs=1, objective="iwae", seed=0)
+    assert honest.objective == "iwae"  # (model, guide, elbo): the program trains what was asked for
+    with pytest.raises(ValueError, match=r"svi_program must return \(model, guide, elbo\)"):
+        train(TinyOwnProgram(), _loader(), epochs=1, objective="broken")
 
 
 # jit=True is Pyro's JitTrace_ELBO, built on torch.jit.trace, which torch now marks as deprecated

@@ -7,7 +7,7 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
 
 from pvae.data import BatchLoader, load_images
 from pvae.inference import log_evidence
@@ -69,6 +69,18 @@ def test_flat_prior_is_improper():
 def test_ae_model_cannot_run_without_a_guide():
     with pytest.raises(NotImplementedError):
         AE().model(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("family", [AE, DAE])
+def test_no_prior_predictive_says_why_and_what_instead(family):
+    ae = family(hidden_dim=8, z_dim=4)
+    message = r"cannot draw data from a prior predictive .* flat \(improper\).* decode\(encode\(x\)\).* VAE"
+    with pytest.raises(ValueError, match=message):
+        Predictive(ae.model, num_samples=2)(None, num_data=3)
+    with pytest.raises(ValueError, match=message):
+        ae.model(None, num_data=3)
+    with pytest.raises(ValueError, match=r"num_data=4 but x holds 2 data points"):
+        Trace_ELBO().loss(ae.model, ae.guide, torch.randn(2, 96), num_data=4)
 
 
 # ---- denoising -------------------------------------------------------------------------------------------
@@ -194,7 +206,7 @@ def test_dtype_follows_the_family():
     assert AE().reconstruct(x).dtype == torch.float32  # data are cast to the parameters' dtype
 
 
-def test_defaults_are_the_seeds_sequence_autoencoder():
+def test_defaults_are_a_sequence_autoencoder_of_96_features():
     ae = AE()
     assert [type(layer).__name__ for layer in ae.encoder] == ["Linear", "ReLU", "Linear"]
     assert (ae.encoder[0].in_features, ae.encoder[0].out_features, ae.encoder[2].out_features) == (

@@ -3,7 +3,7 @@ import math
 import pyro
 import pytest
 import torch
-from pyro.infer import TraceEnum_ELBO, config_enumerate
+from pyro.infer import Predictive, TraceEnum_ELBO, config_enumerate
 
 from pvae.inference import compare, fit
 from pvae.models.mixture import GaussianMixture
@@ -126,3 +126,33 @@ def test_non_finite_data_are_counted(bad):
     for method in (family.model, family.guide, family.log_marginal, family.posterior):
         with pytest.raises(ValueError, match="x must be finite; it has 2 NaN/inf entries"):
             method(x)
+
+
+# ---- the prior predictive ---------------------------------------------------------------------------------
+def test_prior_predictive_has_the_mixtures_mean_and_components():
+    """x ~ Σ_k π_k N(μ_k, σ_k²): mean Σ_k π_k μ_k, variance Σ_k π_k (σ_k² + μ_k²) − (Σ_k π_k μ_k)²."""
+    family = GaussianMixture(
+        weights=(0.5, 0.5), locs=((0.0, 1.0), (2.0, -1.0)), scales=((1.0, 0.5), (0.3, 2.0))
+    )
+    samples = Predictive(family.model, num_samples=100)(None, num_data=200)
+    z, x = samples["z"], samples["x"]
+    assert z.shape == (100, 200, 2) and x.shape == (100, 200, 2) and x.dtype == family.locs.dtype
+    assert ((z == 0) | (z == 1)).all() and (z.sum(-1) == 1).all()  # one-hot
+    n = 100 * 200
+    frequencies = z.reshape(n, 2).mean(0)
+    assert ((frequencies - family.weights).abs() < 4 * (0.25 / n) ** 0.5).all()
+    weights = family.weights.unsqueeze(-1)  # (K, 1)
+    mean = (weights * family.locs).sum(0)  # (D,)
+    variance = (weights * (family.scales**2 + family.locs**2)).sum(0) - mean**2
+    flat = x.reshape(n, 2)
+    assert ((flat.mean(0) - mean).abs() < 4 * (variance / n).sqrt()).all(), (flat.mean(0), mean)
+    standardized = (x - z @ family.locs) / (z @ family.scales)  # x | z ~ Normal(zᵀμ, zᵀσ)
+    assert abs(standardized.std().item() - 1) < 4 / (2 * 2 * n) ** 0.5
+
+
+def test_the_model_needs_data_or_a_number_of_draws():
+    family = GaussianMixture()
+    with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
+        family.model()
+    with pytest.raises(ValueError, match=r"num_data=2 but x holds 3 data points"):
+        family.model(torch.zeros(3), num_data=2)

@@ -5,6 +5,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from pyro.infer import Predictive
 from scipy import integrate
 
 from pvae.inference import compare, fit
@@ -61,10 +62,10 @@ def test_log_marginal_is_finite_and_right_far_out():
     # far left, the shifted quadrature still works where the naive integral underflows to 0
     assert value[0].item() == pytest.approx(_log_marginal_by_quadrature(-40.0, 1.0, 1.0), abs=1e-6)
     naive, _ = integrate.quad(lambda z: math.exp(_log_joint(z, -40.0, 1.0, 1.0)), 0, np.inf)
-    assert naive == 0.0  # what the first seed meant by "cannot be computed"
+    assert naive == 0.0  # the naive integral underflows: why log p(x) needs the closed form
 
 
-def test_seed_closed_form_for_unit_parameters():
+def test_closed_form_for_unit_parameters():
     x = torch.tensor([-1.0, 0.0, 2.5], dtype=torch.float64)
     expected = torch.exp(0.5 - x) * torch.special.ndtr(x - 1)  # p(x) = e^{1/2 − x} Φ(x − 1)
     torch.testing.assert_close(ExponentialGaussian().log_marginal(x).exp(), expected)
@@ -314,3 +315,32 @@ def test_the_edges_of_the_box_are_accepted():
     for value in (1e-8, 1e8):
         family = ExponentialGaussian(rate=value, scale=value)
         assert family.rate == value and family.scale == value
+
+
+# ---- the prior predictive ---------------------------------------------------------------------------------
+def test_prior_predictive_has_the_moments_of_exponential_plus_gaussian():
+    """x = z + σε with z ~ Exponential(λ): mean 1/λ, variance 1/λ² + σ² (fourth central moment
+    9/λ⁴ + 6σ²/λ² + 3σ⁴ sets the spread of the sample variance)."""
+    rate, scale = 2.0, 0.5
+    family = ExponentialGaussian(rate, scale).double()
+    samples = Predictive(family.model, num_samples=200)(None, num_data=100)
+    assert samples["x"].shape == samples["z"].shape == (200, 100)
+    assert samples["x"].dtype == torch.float64 and (samples["z"] >= 0).all()
+    x = samples["x"].flatten()  # 20,000 independent draws
+    n, mean, variance = x.numel(), 1 / rate, 1 / rate**2 + scale**2
+    fourth = 9 / rate**4 + 6 * scale**2 / rate**2 + 3 * scale**4
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(variance / n)
+    assert abs(x.var().item() - variance) < 4 * math.sqrt((fourth - variance**2) / n)
+    noise = (samples["x"] - samples["z"]) / scale  # x | z ~ Normal(z, σ)
+    assert abs(noise.mean().item()) < 4 / math.sqrt(n) and abs(noise.std().item() - 1) < 4 / math.sqrt(2 * n)
+
+
+def test_the_model_needs_data_or_a_number_of_draws():
+    family = ExponentialGaussian()
+    with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
+        family.model()
+    with pytest.raises(ValueError, match=r"num_data=3 but x holds 2 data points"):
+        family.model(torch.zeros(2), num_data=3)
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        family.model(None, num_data=0)
+    family.model(torch.zeros(2), num_data=2)  # consistent: fine

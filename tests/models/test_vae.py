@@ -7,7 +7,14 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
 
 from pvae.data import BatchLoader, load_images
 from pvae.inference import log_evidence
@@ -79,7 +86,7 @@ def test_trace_and_meanfield_elbo_agree_unpaired(digits):
     assert abs(difference) < 4 * stderr, (float(difference), stderr)
 
 
-def test_meanfield_uses_the_seeds_closed_form_kl(digits):
+def test_meanfield_uses_the_closed_form_gaussian_kl(digits):
     """TraceMeanField_ELBO's loss = −log p(x | z) + KL with the KL in closed form: recover it exactly."""
     _, x = digits
     vae = VAE(z_dim=6, hidden_dim=32).double()
@@ -91,17 +98,17 @@ def test_meanfield_uses_the_seeds_closed_form_kl(digits):
 
     loc, scale = vae.encode(x)
     log_var = 2 * scale.log()
-    seed_formula = 0.5 * (-log_var + loc**2 + log_var.exp() - 1).sum()  # seed 2
+    closed_form = 0.5 * (-log_var + loc**2 + log_var.exp() - 1).sum()  # ½Σ(−log σ² + μ² + σ² − 1)
     torch_kl = torch.distributions.kl_divergence(
         torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
     ).sum()
-    assert kl_used == pytest.approx(seed_formula.item(), rel=1e-9, abs=1e-9)
-    assert torch_kl.item() == pytest.approx(seed_formula.item(), rel=1e-12)
-    assert VAE.analytic_kl(loc, scale).sum().item() == pytest.approx(seed_formula.item(), rel=1e-12)
+    assert kl_used == pytest.approx(closed_form.item(), rel=1e-9, abs=1e-9)
+    assert torch_kl.item() == pytest.approx(closed_form.item(), rel=1e-12)
+    assert VAE.analytic_kl(loc, scale).sum().item() == pytest.approx(closed_form.item(), rel=1e-12)
 
 
-def test_elbo_terms_are_the_seeds_loss(digits):
-    """−log p(x | z) of the Bernoulli site is seed 2's summed binary cross-entropy on sigmoid(logits)."""
+def test_elbo_terms_are_the_summed_binary_cross_entropy(digits):
+    """−log p(x | z) of the Bernoulli site is the summed binary cross-entropy on sigmoid(logits)."""
     _, x = digits
     vae = VAE(z_dim=5, hidden_dim=32).double()
     guide_trace, model_trace = _traces(vae, x)
@@ -277,7 +284,7 @@ def test_sample_and_reconstruct():
     torch.testing.assert_close(vae.decode(z), torch.sigmoid(vae.decoder(z)))
 
 
-def test_network_is_the_seeds():
+def test_network_is_the_mlp_encoder_and_decoder():
     vae = VAE()
     encoder, decoder = vae.encoder, vae.decoder
     assert [type(layer).__name__ for layer in encoder] == ["Linear", "LeakyReLU", "Linear"]
@@ -384,3 +391,33 @@ def test_non_finite_data_are_counted(likelihood):
     x[0, 1], x[2, 3] = math.nan, -math.inf
     with pytest.raises(ValueError, match="x must be finite; it has 2 NaN/inf entries"):
         vae.model(x)
+
+
+# ---- the prior predictive ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_prior_predictive_draws_x_from_the_decoder_at_prior_codes(likelihood):
+    vae = VAE(x_dim=30, z_dim=3, hidden_dim=16, likelihood=likelihood, scale=0.3).double()
+    samples = Predictive(vae.model, num_samples=40)(None, num_data=25)
+    z, x = samples["z"], samples["x"]
+    assert z.shape == (40, 25, 3) and x.shape == (40, 25, 30) and x.dtype == torch.float64
+    n = z.shape[0] * z.shape[1]
+    flat = z.reshape(n, 3)
+    assert (flat.mean(0).abs() < 4 / math.sqrt(n)).all()  # z ~ Normal(0, I)
+    assert ((flat.var(0) - 1).abs() < 4 * math.sqrt(2 / n)).all()
+    mean = vae.decode(z)  # E[x | z]: Bernoulli probabilities or the Gaussian mean
+    residual = (x - mean).flatten()
+    if likelihood == "bernoulli":
+        assert ((x == 0) | (x == 1)).all()  # binary, as the likelihood's support
+        variance = (mean * (1 - mean)).sum()
+        assert abs(residual.sum().item()) < 4 * variance.sqrt().item()
+    else:
+        assert abs(residual.mean().item()) < 4 * 0.3 / math.sqrt(residual.numel())
+        assert abs(residual.std().item() - 0.3) < 4 * 0.3 / math.sqrt(2 * residual.numel())
+
+
+def test_the_model_needs_data_or_a_number_of_draws():
+    vae = VAE(x_dim=6, z_dim=2, hidden_dim=4)
+    with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
+        vae.model()
+    with pytest.raises(ValueError, match=r"num_data=5 but x holds 3 data points"):
+        vae.model(torch.zeros(3, 6), num_data=5)

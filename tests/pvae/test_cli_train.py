@@ -5,9 +5,14 @@ import math
 
 import pytest
 import torch
+from matplotlib.image import imread
 
+import pvae
 from pvae import cli
 from pvae.checkpoint import load_checkpoint
+from pvae.inference import evaluate_log_likelihood
+from pvae.report.autoencoders import image_split, image_test_loader
+from pvae.utils import seed_everything
 
 TINY = ["--num-train", "240", "--num-test", "60", "--batch-size", "60", "--hidden-dim", "32"]
 
@@ -30,24 +35,53 @@ def test_train_vae_writes_checkpoint_history_and_pictures(trained_vae):
     names = {path.name for path in trained_vae.iterdir()}
     expected = {"reconstructions.png", "samples.png", "elbo.png", "latent.png", "manifold.png"}
     assert {"checkpoint.pt", "history.json"} | expected <= names
+    for name in expected:  # pictures with something drawn in them
+        pixels = imread(str(trained_vae / name))[..., :3]
+        assert min(pixels.shape[:2]) >= 28 and pixels.std() > 0.01, name
     saved = load_checkpoint(trained_vae / "checkpoint.pt")
     assert saved["epoch"] == 1 and saved["train_config"]["dataset"] == "mnist5k"
     assert saved["train_config"]["num_train"] == 240 and saved["train_config"]["binarize"] == "dynamic"
 
 
-def test_evaluate_json_has_exactly_the_documented_keys(trained_vae, capsys):
+def _test_images(binarize):
+    """The run's 60 test digits as the CLI evaluates them (the same subset, binarized once if asked)."""
+    x, labels = image_split("mnist5k", "test", None, 60, 0)
+    return image_test_loader(x, labels, binarize, torch.device("cpu"))
+
+
+def test_evaluate_reports_the_in_process_estimate_of_the_checkpoint(trained_vae, capsys):
     result = _json(capsys, ["evaluate", str(trained_vae / "checkpoint.pt"), "--num-samples", "20", "--json"])
     assert set(result) == {"log_likelihood", "stderr", "num_images", "num_samples"}
     assert result["num_images"] == 60 and result["num_samples"] == 20
-    assert -800 < result["log_likelihood"] < 0 and 0 < result["stderr"] < 50
+    # the same checkpoint, data, seed (0, the default) and k, evaluated in this process
+    family = pvae.load(str(trained_vae / "checkpoint.pt"))
+    seed_everything(0)
+    expected = evaluate_log_likelihood(family, _test_images("dynamic"), num_samples=20, progress=False)
+    assert result["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-9)
+    per_image = expected.per_image
+    assert result["stderr"] == pytest.approx(per_image.std().item() / math.sqrt(60), rel=1e-9)
     again = _json(capsys, ["evaluate", str(trained_vae / "checkpoint.pt"), "--num-samples", "20", "--json"])
     assert again == result  # seeded: the same test binarization and importance samples
 
 
-def test_sample_writes_a_png(trained_vae, tmp_path):
+def test_sample_draws_the_familys_samples_into_a_grid(trained_vae, tmp_path):
     target = tmp_path / "grid.png"
-    assert cli.main(["sample", str(trained_vae / "checkpoint.pt"), "-n", "9", "--out", str(target)]) == 0
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    argv = ["sample", str(trained_vae / "checkpoint.pt"), "-n", "9", "--nrow", "3", "--out", str(target)]
+    assert cli.main(argv) == 0
+    picture = torch.from_numpy(imread(str(target))[..., 0].copy())  # (H, W), values in [0, 1]
+    assert picture.shape == (3 * 30 + 2, 3 * 30 + 2)  # 3 × 3 tiles of 28 × 28 with 2-pixel padding
+    family = pvae.load(str(trained_vae / "checkpoint.pt"))
+    generator = torch.Generator().manual_seed(0)  # the default --seed
+    images = family.sample(9, generator=generator).reshape(9, 28, 28)
+    tiles = torch.stack(
+        [
+            picture[2 + row * 30 : row * 30 + 30, 2 + col * 30 : col * 30 + 30]
+            for row in range(3)
+            for col in range(3)
+        ]
+    )  # (9, 28, 28), row-major
+    torch.testing.assert_close(tiles, images, atol=1 / 255, rtol=0)  # 8-bit rounding
+    assert images.std() > 0.01  # decoded digits, not a blank grid
 
 
 def test_resume_continues_to_the_requested_epochs(tmp_path, capsys):
@@ -63,7 +97,13 @@ def test_autoencoders_report_reconstruction_error_and_cannot_sample(tmp_path, ca
     _json(capsys, ["train", "dae", "--epochs", "1", "--out", str(tmp_path), "--json", *TINY])
     result = _json(capsys, ["evaluate", str(tmp_path / "checkpoint.pt"), "--json"])
     assert result["log_likelihood"] is None and "no marginal likelihood" in result["note"]
-    assert 0 < result["reconstruction_error"] < 1 and result["num_images"] == 60
+    assert result["num_images"] == 60
+    family = pvae.load(str(tmp_path / "checkpoint.pt"))
+    x = _test_images(None).data  # grey levels, as the DAE was trained on
+    with torch.no_grad():
+        errors = (x - family.decoder(family.encoder(x))).square().mean(1).double()  # per image, clean input
+    assert result["reconstruction_error"] == pytest.approx(errors.mean().item(), rel=1e-6)
+    assert result["stderr"] == pytest.approx(errors.std().item() / math.sqrt(60), rel=1e-6)
     assert cli.main(["sample", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no proper prior" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 import math
 import os
 
+import matplotlib
 import pytest
 import torch
 from matplotlib.image import imread
@@ -12,6 +13,12 @@ from pvae.models.vae import VAE
 def _read(path):
     image = imread(path)  # (H, W, channels) floats in [0, 1]
     return torch.from_numpy(image[..., :3].copy())
+
+
+def _pixels_of(picture, colour, tolerance=0.03):
+    """How many pixels of an (H, W, 3) picture have the RGB ``colour`` (a matplotlib colour name or tuple)."""
+    rgb = torch.tensor(matplotlib.colors.to_rgb(colour), dtype=picture.dtype)
+    return int(((picture - rgb).abs().max(-1).values < tolerance).sum())
 
 
 def _tile(image, row, col, size=28, padding=2):
@@ -62,23 +69,30 @@ def test_reconstructions_sit_beneath_their_originals(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "history",
+    "history, curves",
     [
-        [-300.0, -200.0, -150.0],
-        torch.tensor([3.0, 2.0, 1.0]),
-        {"train": [-200.0, -150.0, -120.0], "test": [None, -160.0, -130.0]},
-        {"epoch": [1, 2], "train": [-2.0, -1.0], "seconds": 3.5},
-        [
-            {"epoch": 1, "train_elbo": -3.0, "test_elbo": -4.0},
-            {"epoch": 2, "train_elbo": -2.0, "test_elbo": None},
-        ],
+        ([-300.0, -200.0, -150.0], 1),
+        (torch.tensor([3.0, 2.0, 1.0]), 1),
+        ({"train": [-200.0, -150.0, -120.0], "test": [None, -160.0, -130.0]}, 2),
+        ({"epoch": [1, 2], "train": [-2.0, -1.0], "seconds": 3.5}, 1),
+        (
+            [
+                {"epoch": 1, "train_elbo": -3.0, "test_elbo": -4.0},
+                {"epoch": 2, "train_elbo": -2.0, "test_elbo": None},
+            ],
+            2,
+        ),
     ],
     ids=["list", "tensor", "train-test", "with-epochs", "records"],
 )
-def test_loss_curve_accepts_histories(tmp_path, history):
+def test_loss_curve_accepts_histories(tmp_path, history, curves):
     path = plots.plot_loss_curve(history, tmp_path / "elbo.png", title="ELBO")
-    assert _read(path).shape[2] == 3
+    picture = _read(path)
+    assert picture.shape == (round(3.8 * 120), round(5.5 * 120), 3)  # the figure's size at 120 dpi
     assert os.listdir(tmp_path) == ["elbo.png"]
+    # one line per curve, in matplotlib's colour cycle: blue, then orange
+    assert _pixels_of(picture, "tab:blue") > 100
+    assert (_pixels_of(picture, "tab:orange") > 30) == (curves == 2)  # (a test curve may be one point)
 
 
 @pytest.mark.parametrize(
@@ -107,11 +121,18 @@ def test_latent_projection_is_identity_in_2d_and_pca_above():
 
 
 @pytest.mark.parametrize("z_dim", [2, 6])
-def test_latent_scatter_writes_a_png(tmp_path, z_dim):
+def test_latent_scatter_colours_the_points_by_label(tmp_path, z_dim):
     labels = torch.arange(300) % 10
     z = torch.randn(300, z_dim) + labels[:, None]
-    path = plots.plot_latent_scatter(z, labels, tmp_path / "scatter.png")
-    assert _read(path).shape[2] == 3
+    picture = _read(plots.plot_latent_scatter(z, labels, tmp_path / "scatter.png"))
+    assert picture.shape == (round(4.8 * 120), round(5.5 * 120), 3)
+    one_class = _read(plots.plot_latent_scatter(z, torch.zeros_like(labels), tmp_path / "one.png"))
+    # points are drawn in their label's tab10 colour at alpha 0.8 (the colour bar shows every colour too,
+    # so compare with the same codes all labelled 0)
+    colours = [tuple(0.8 * c + 0.2 for c in colour) for colour in matplotlib.colormaps["tab10"].colors]
+    for label in range(1, 10):
+        assert _pixels_of(picture, colours[label]) > _pixels_of(one_class, colours[label]) + 30, label
+    assert _pixels_of(one_class, colours[0]) > _pixels_of(picture, colours[0]) + 300
     with pytest.raises(ValueError, match="labels"):
         plots.plot_latent_scatter(z, labels[:-1], tmp_path / "bad.png")
 
