@@ -135,7 +135,7 @@ def _constraint_from_spec(spec, fail) -> constraints.Constraint:
     args = spec.get("args")
     if set(spec) != {"kind", "args"} or not isinstance(args, list | tuple) or len(args) != len(fields):
         fail(f"constraint {kind!r} needs args = [{', '.join(fields)}]")
-    if not all(_is_number(arg) and math.isfinite(arg) for arg in args):
+    if not all(_is_finite_number(arg) for arg in args):
         fail(f"the bounds of {kind!r} must be finite numbers, got {_short(args)}")
     if len(args) == 2 and not args[0] < args[1]:
         fail(f"the bounds of {kind!r} must satisfy lower < upper, got {_short(args)}")
@@ -280,6 +280,16 @@ def save_checkpoint(
 # ---- load: every field validated -------------------------------------------------------------------------
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    """A bool-free int or float that is finite as a float (a huge int is not: it overflows)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _is_int(value) -> bool:
@@ -487,9 +497,7 @@ class _Validator:
                 "rng.python.internal",
                 f"must be 625 int64 words, got {internal.dtype} {tuple(internal.shape)}",
             )
-        if python["gauss_next"] is not None and not (
-            _is_number(python["gauss_next"]) and math.isfinite(python["gauss_next"])
-        ):
+        if python["gauss_next"] is not None and not _is_finite_number(python["gauss_next"]):
             self.fail("rng.python.gauss_next", "must be None or a finite number")
         if not ((internal[:624] >= 0) & (internal[:624] < 2**32)).all():
             self.fail("rng.python.internal", "words must lie in [0, 2**32)")
@@ -507,7 +515,7 @@ class _Validator:
             self.fail("rng.numpy.keys", "must be 624 int64 words in [0, 2**32)")
         self.int_in(numpy_state["position"], "rng.numpy.position", 0, 624)
         self.int_in(numpy_state["has_gauss"], "rng.numpy.has_gauss", 0, 1)
-        if not (_is_number(numpy_state["cached_gaussian"]) and math.isfinite(numpy_state["cached_gaussian"])):
+        if not _is_finite_number(numpy_state["cached_gaussian"]):
             self.fail("rng.numpy.cached_gaussian", "must be a finite number")
         try:
             np.random.RandomState().set_state(_numpy_state(numpy_state))
