@@ -137,9 +137,9 @@ def _program(family, objective, num_particles: int, jit: bool):
     when it trains the objective asked for, or ``(model, guide, elbo, name)`` naming the objective it
     trains instead; the history records that name.
     """
-    svi_program = getattr(family, "svi_program", None)
-    if callable(svi_program):
-        program = svi_program(objective)
+    svi_program = getattr(family, "svi_program", None)  # declared by pvae.Family; None: model/guide
+    program = svi_program(objective) if callable(svi_program) else None
+    if program is not None:
         if not isinstance(program, tuple) or len(program) not in (3, 4):
             raise ValueError(
                 f"{type(family).__name__}.svi_program must return (model, guide, elbo) or "

@@ -298,6 +298,33 @@ class Family(nn.Module):
             raise ValueError(f"name must be a non-empty string or None, got {name!r}")
         self.name = name if name is not None else unique_name(type(self).__name__.lower())
 
+    # ---- the contract's hooks: what the training loop and the command line may call ----------------------
+    def model(self, x=None, num_data: int | None = None) -> None:
+        """The generative story. Data live in ``pyro.plate("data", N)``; ``x=None`` with ``num_data=N``
+        draws from the prior predictive (x sampled where it is otherwise observed) when the family has a
+        proper prior, so ``pyro.infer.Predictive(family.model, num_samples=S)(None, num_data=N)`` works."""
+        raise TypeError(f"{type(self).__name__} must define model(x=None, num_data=None)")
+
+    def guide(self, x, num_data: int | None = None) -> None:
+        """The approximate posterior, with the model's latent site names."""
+        raise TypeError(f"{type(self).__name__} must define guide(x)")
+
+    def svi_program(self, objective: str):
+        """The ``(model, guide, elbo[, name])`` the training loop fits for ``objective``, or None (the
+        default) to fit ``model``/``guide`` with the objective's ELBO. A family whose training pair differs
+        from its model/guide (the diffusion model's time-subsampled pair) overrides this; the optional
+        ``name`` says which objective it really trains (the history records it)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called by the training loop after every optimizer step (e.g. to update an average of the
+        weights); nothing by default."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of x from the prior predictive (for pictures); families with a proper prior override
+        it."""
+        raise ValueError(f"{type(self).__name__} has no proper prior to sample from")
+
     def constructor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this family (used by checkpoints)."""
         if not dataclasses.is_dataclass(getattr(self, "config", None)):
