@@ -156,7 +156,9 @@ class AE(Family):
         self.scale = check_positive("scale", scale)
         self.encoder = mlp([x_dim, hidden_dim, z_dim])
         self.decoder = mlp([z_dim, hidden_dim, x_dim])
-        self.config = AEConfig(x_dim, hidden_dim, z_dim, self.scale, self.name)
+        self.config = AEConfig(
+            x_dim=x_dim, hidden_dim=hidden_dim, z_dim=z_dim, scale=self.scale, name=self.name
+        )
         self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- data checks -------------------------------------------------------------------------------------
@@ -302,7 +304,15 @@ class DAE(AE):
         else:
             noise = check_positive("noise (Gaussian corruption's standard deviation)", noise)
         self.corruption, self.noise = corruption, noise
-        self.config = DAEConfig(x_dim, hidden_dim, z_dim, self.scale, corruption, noise, self.name)
+        self.config = DAEConfig(
+            x_dim=x_dim,
+            hidden_dim=hidden_dim,
+            z_dim=z_dim,
+            scale=self.scale,
+            corruption=corruption,
+            noise=noise,
+            name=self.name,
+        )
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         """A corrupted copy x̃ of ``x`` (same shape), drawn with torch's global generator.

@@ -91,7 +91,11 @@ class GaussianMixture(Family):
             raise ValueError(f"scales must be > 0 with the shape of locs {tuple(locs_tensor.shape)}")
         hidden_dim = check_int("hidden_dim", hidden_dim)
         self.config = GaussianMixtureConfig(
-            tuple(float(w) for w in weights), _nested(locs), _nested(scales), hidden_dim, self.name
+            weights=tuple(float(w) for w in weights),
+            locs=_nested(locs),
+            scales=_nested(scales),
+            hidden_dim=hidden_dim,
+            name=self.name,
         )
         self.num_components, self.data_dim = num_components, locs_tensor.shape[1]
         self.register_buffer("weights", weights_tensor / weights_tensor.sum())  # (K,)

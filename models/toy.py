@@ -142,7 +142,9 @@ class ExponentialGaussian(Family):
         self.rate = check_parameter("rate", rate)
         self.scale = check_parameter("scale", scale)
         hidden_dim = check_int("hidden_dim", hidden_dim)
-        self.config = ExponentialGaussianConfig(self.rate, self.scale, hidden_dim, self.name)
+        self.config = ExponentialGaussianConfig(
+            rate=self.rate, scale=self.scale, hidden_dim=hidden_dim, name=self.name
+        )
         # amortized guide: x ↦ (loc, log scale) = linear part + small MLP correction.
         # The exact map (x − λσ², log σ) is linear, so the skip path can represent it exactly.
         self.amortized_linear = nn.Linear(1, 2)

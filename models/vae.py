@@ -121,7 +121,14 @@ class VAE(Family):
         check_int("hidden_dim", hidden_dim)
         check_choice("likelihood", likelihood, LIKELIHOODS)
         scale = check_positive("scale", scale)
-        self.config = VAEConfig(x_dim, z_dim, hidden_dim, likelihood, self.name, scale)
+        self.config = VAEConfig(
+            x_dim=x_dim,
+            z_dim=z_dim,
+            hidden_dim=hidden_dim,
+            likelihood=likelihood,
+            name=self.name,
+            scale=scale,
+        )
         self.x_dim, self.z_dim, self.likelihood, self.scale = x_dim, z_dim, likelihood, scale
         self.encoder = nn.Sequential(
             nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
