@@ -1,7 +1,8 @@
 """ε-prediction networks for diffusion models: ε_θ(x_t, t).
 
 Both networks take a noisy input ``x`` with any number of leading batch dimensions and an integer-valued
-timestep ``t ∈ {1, …, T}`` (a number or a tensor broadcastable to the batch dimensions) and return a
+timestep ``t ∈ {1, …, T}`` (a number, or an integer or floating tensor broadcastable to the batch
+dimensions — the diffusion chains pass LongTensors: one value per batch, or one per datum) and return a
 tensor shaped like ``x``: the predicted noise ε in x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4).
 The timestep enters through a sinusoidal embedding (Vaswani et al. 2017, as in DDPM §4) of t rescaled to
 the range 0 … 1000, so the same architecture serves any number of steps T.

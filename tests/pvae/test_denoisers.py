@@ -46,6 +46,19 @@ def test_mlp_leading_batch_dims_and_time_broadcast():
     assert not torch.allclose(net(x, 1), net(x, 50))
 
 
+def test_integer_timesteps_equal_float_ones():
+    """The diffusion chains pass timesteps as LongTensors (one per batch, or per datum): the same outputs."""
+    net = _randomize_output(MLPDenoiser(2, timesteps=20, hidden_dim=16, num_blocks=1))
+    x = torch.randn(3, 4, 2)
+    per_batch = torch.tensor(7)  # 0-d
+    per_row = torch.tensor([[1], [5], [20]])  # (3, 1): a timestep per row of the (3, 4) batch
+    torch.testing.assert_close(net(x, per_batch), net(x, 7.0), rtol=0, atol=0)
+    torch.testing.assert_close(net(x, per_row), net(x, per_row.double()), rtol=0, atol=0)
+    unet = _randomize_output(UNetDenoiser((1, 8, 8), timesteps=20, channels=(8,), time_dim=8))
+    images = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(unet(images, torch.tensor([3, 9])), unet(images, torch.tensor([3.0, 9.0])))
+
+
 def test_unet_leading_batch_dims_and_shapes():
     net = _randomize_output(UNetDenoiser((1, 28, 28), timesteps=20, channels=(8, 16), time_dim=16))
     x = torch.randn(2, 3, 1, 28, 28)

@@ -1,0 +1,326 @@
+r"""The diffusion processes as sub-programs, and the step formulas that model, guide, ELBO and samplers share.
+
+**Formulas** (each written once; t is a LongTensor broadcastable to the batch dimensions, ``event_dims``
+the number of trailing event dimensions of the values):
+
+- :func:`forward_marginal` q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  (DDPM Eq. 4);
+- :func:`forward_posterior` q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I), the point mass at x_0 where t = 1
+  (Eq. 6–7), with mean :func:`posterior_mean`;
+- :func:`reverse_step` p_θ(x_{t−1} | x_t) = N(μ_θ, σ_t² I), the decoder where t = 1, with mean
+  :func:`reverse_mean` μ_θ = (x_t − β_t/√(1−ᾱ_t)·ε_θ)/√α_t (Eq. 11);
+- :func:`predicted_x0` x̂_0 = (x_t − √(1−ᾱ_t) ε_θ)/√ᾱ_t, and :func:`prior_kl` L_T = KL(q(x_T | x_0) ‖ N(0, I)).
+
+**Sub-programs** run inside the caller's plates (they open none of their own except the time plate of
+:func:`plate_timesteps`, check no data and observe only what they are given), so a larger model is built
+from them — e.g. a latent diffusion model whose prior over z is a chain with ``prefix="z"``:
+
+- :func:`reverse_chain` (model): ``f"{prefix}_{T}"`` ~ N(0, I), then ``f"{prefix}_{t−1}"`` ~
+  p_θ(· | x_t) for t = T … 1; the last site is observed when ``obs`` is given, else sampled. Returns x_0.
+- :func:`forward_chain` (guide): takes x_0, draws ``f"{prefix}_{T}"`` ~ q(x_T | x_0), then
+  ``f"{prefix}_{t−1}"`` ~ q(x_{t−1} | x_t, x_0) for t = T … 2.
+- :func:`reverse_pair` / :func:`forward_pair`: the model and guide halves of the time-subsampled pair
+  at a timestep t supplied by a time sampler — ``f"{prefix}_t"`` ~ q(x_t | x_0) (masked in both: it feeds
+  μ_θ and scores nothing), then ``f"{prefix}_prev"`` under p_θ(· | x_t) or q(· | x_t, x_0), scaled by
+  the sampler's ``scale``.
+- Time samplers return a :class:`TimeDraw` (timesteps and the scale of the x_prev term):
+  :func:`plate_timesteps` (one t per call by ``pyro.plate("time", T, subsample…)``, scaled by T by the
+  plate) and :func:`per_datum_timesteps` (one t per datum, scale T). Importance sampling of t (DESIGN.md)
+  is the plate sampler with ``subsample=`` drawn indices and ``scale=1/(T·p_t)``.
+
+:func:`elbo_terms` evaluates the per-timestep terms of −ELBO in closed form (given one draw of x_t), batched
+over t, with the same formulas and the same KL as ``TraceMeanField_ELBO`` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from torch.distributions import kl_divergence
+
+from pvae.models.diffusion.schedules import DiffusionSchedule
+from pvae.models.diffusion.steps import ForwardStep, ReverseStep, gaussian_kl
+from pvae.utils import progress_bar
+
+__all__ = [
+    "DECODERS",
+    "TimeDraw",
+    "elbo_terms",
+    "forward_chain",
+    "forward_marginal",
+    "forward_pair",
+    "forward_posterior",
+    "per_datum_timesteps",
+    "plate_timesteps",
+    "posterior_mean",
+    "predicted_x0",
+    "prior_kl",
+    "reverse_chain",
+    "reverse_mean",
+    "reverse_pair",
+    "reverse_step",
+]
+
+DECODERS = ("gaussian", "discretized")
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ε_θ(x_t, t)
+
+
+# ---- the step formulas ---------------------------------------------------------------------------------
+def forward_marginal(schedule: DiffusionSchedule, x0: torch.Tensor, t: torch.Tensor, event_dims: int):
+    """q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  (DDPM Eq. 4), batch shape broadcast(t, batch of x0)."""
+    loc = schedule.coef("sqrt_alpha_bar", t, x0, event_dims) * x0
+    return dist.Normal(loc, schedule.coef("sqrt_one_minus_alpha_bar", t, x0, event_dims))
+
+
+def posterior_mean(schedule: DiffusionSchedule, x_t, x0, t, event_dims: int) -> torch.Tensor:
+    """μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t  (Eq. 7); x_0 at t = 1."""
+    return (
+        schedule.coef("posterior_coef_x0", t, x_t, event_dims) * x0
+        + schedule.coef("posterior_coef_xt", t, x_t, event_dims) * x_t
+    )
+
+
+def forward_posterior(schedule: DiffusionSchedule, x_t, x0, t, event_dims: int) -> ForwardStep:
+    """q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I)  (Eq. 6–7): the point mass at x_0 where t = 1 (β̃_1 = 0)."""
+    loc = posterior_mean(schedule, x_t, x0, t, event_dims)
+    return ForwardStep(loc, schedule.coef("posterior_std", t, x_t, event_dims))
+
+
+def predicted_x0(schedule: DiffusionSchedule, x_t, t, eps, event_dims: int) -> torch.Tensor:
+    """x̂_0 = (x_t − √(1 − ᾱ_t) ε)/√ᾱ_t: the x_0 that x_t and the predicted noise ε imply (Eq. 4 solved)."""
+    return (x_t - schedule.coef("sqrt_one_minus_alpha_bar", t, x_t, event_dims) * eps) / schedule.coef(
+        "sqrt_alpha_bar", t, x_t, event_dims
+    )
+
+
+def reverse_mean(
+    schedule: DiffusionSchedule, x_t, t, eps, event_dims: int, *, clip_denoised: bool = False
+) -> torch.Tensor:
+    """μ_θ(x_t, t) = x_t/√α_t − β_t/(√α_t √(1−ᾱ_t))·ε_θ(x_t, t)  (Eq. 11).
+
+    With ``clip_denoised``: μ̃_t(x_t, clip(x̂_0, −1, 1)), which equals μ_θ when nothing is clipped.
+    """
+    if clip_denoised:
+        x0_hat = predicted_x0(schedule, x_t, t, eps, event_dims).clamp(-1, 1)
+        return posterior_mean(schedule, x_t, x0_hat, t, event_dims)
+    return (
+        schedule.coef("recip_sqrt_alpha", t, x_t, event_dims) * x_t
+        - schedule.coef("eps_coef", t, x_t, event_dims) * eps
+    )
+
+
+def reverse_step(
+    schedule: DiffusionSchedule, x_t, t, eps, event_dims: int, *, decoder: str = "gaussian"
+) -> dist.Normal | ReverseStep:
+    """p_θ(x_{t−1} | x_t) = N(μ_θ, σ_t² I); with ``decoder="discretized"``, DDPM's discretized decoder
+    (Eq. 13) where t = 1 (σ_1² = β_1 there either way)."""
+    mean = reverse_mean(schedule, x_t, t, eps, event_dims)
+    scale = schedule.coef("sigma", t, x_t, event_dims)
+    if decoder == "discretized":
+        return ReverseStep(mean, scale, (t == 1).view(*t.shape, *(1,) * event_dims))
+    return dist.Normal(mean, scale)
+
+
+def prior_kl(schedule: DiffusionSchedule, x0: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)), summed over the event dimensions: shape x0.shape[:-event_dims]."""
+    t = schedule.timestep(schedule.timesteps)
+    loc = schedule.coef("sqrt_alpha_bar", t, x0, event_dims) * x0
+    kl = gaussian_kl(loc, schedule.coef("one_minus_alpha_bar", t, x0, event_dims), 0.0, 1.0)
+    return sum_rightmost(kl, event_dims)
+
+
+# ---- full chains ---------------------------------------------------------------------------------------
+def reverse_chain(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    event_shape: Sequence[int],
+    *,
+    prefix: str = "x",
+    obs: torch.Tensor | None = None,
+    decoder: str = "gaussian",
+) -> torch.Tensor:
+    """The reverse process as a sub-program: x_T ~ N(0, I), x_{t−1} ~ p_θ(x_{t−1} | x_t) for t = T … 1.
+
+    Runs inside the caller's plates, which set the batch shape (the prior at ``f"{prefix}_{T}"`` is one
+    event, broadcast by them). Sites ``f"{prefix}_{T}"`` … ``f"{prefix}_1"`` are latent; ``f"{prefix}_0"``
+    is observed at ``obs`` when given, else sampled (a latent z_0, or a prior-predictive draw of x_0).
+
+    :param denoiser: ε_θ(x_t, t) with t a LongTensor broadcastable to x_t's batch dimensions.
+    :param schedule: the coefficient table.
+    :param event_shape: shape of one value, e.g. (2,) or (1, 28, 28).
+    :param prefix: site-name prefix.
+    :param obs: observed x_0, shaped (*batch, *event_shape), or None.
+    :param decoder: distribution of the last step: ``"gaussian"`` or ``"discretized"`` (8-bit data).
+    :returns: x_0 (``obs`` when given).
+    """
+    event_shape = tuple(event_shape)
+    event_dims = len(event_shape)
+    reference = obs if obs is not None else schedule.sigma  # dtype and device of the draws
+    noise = dist.Normal(reference.new_zeros(()), reference.new_ones(())).expand(event_shape)
+    x = pyro.sample(f"{prefix}_{schedule.timesteps}", noise.to_event(event_dims))
+    for step in range(schedule.timesteps, 0, -1):
+        t = schedule.timestep(step)
+        eps = denoiser(x, t)
+        last = decoder if step == 1 else "gaussian"  # the decoder only ever applies at t = 1
+        kernel = reverse_step(schedule, x, t, eps, event_dims, decoder=last).to_event(event_dims)
+        x = pyro.sample(f"{prefix}_{step - 1}", kernel, obs=obs if step == 1 else None)
+    return x
+
+
+def forward_chain(
+    schedule: DiffusionSchedule, x0: torch.Tensor, event_dims: int, *, prefix: str = "x"
+) -> torch.Tensor:
+    """The forward posterior chain as a sub-program: x_T ~ q(x_T | x_0), then x_{t−1} ~ q(x_{t−1} | x_t, x_0)
+    for t = T … 2, at sites ``f"{prefix}_{T}"`` … ``f"{prefix}_1"`` inside the caller's plates.
+
+    It has no parameters and registers none. x_0 is the caller's (data, or a latent it drew).
+
+    :param x0: (*batch, *event) with ``event_dims`` event dimensions.
+    :returns: x_T, the end the reverse chain starts from.
+    """
+    first = schedule.timestep(schedule.timesteps)
+    x_T = pyro.sample(
+        f"{prefix}_{schedule.timesteps}",
+        forward_marginal(schedule, x0, first, event_dims).to_event(event_dims),
+    )
+    x = x_T
+    for step in range(schedule.timesteps, 1, -1):
+        kernel = forward_posterior(schedule, x, x0, schedule.timestep(step), event_dims)
+        x = pyro.sample(f"{prefix}_{step - 1}", kernel.to_event(event_dims))
+    return x_T
+
+
+# ---- the time-subsampled pair --------------------------------------------------------------------------
+class TimeDraw(NamedTuple):
+    """Timesteps for the time-subsampled pair and the scale of its x_prev term."""
+
+    t: torch.Tensor  # LongTensor in 1 … T, broadcastable to the batch shape of the pair's sites
+    scale: float | torch.Tensor  # beyond the scale of enclosing plates: T per datum, 1 under the time plate
+
+
+@contextlib.contextmanager
+def plate_timesteps(
+    timesteps: int,
+    *,
+    device: torch.device,
+    subsample: torch.Tensor | None = None,
+    scale: float | torch.Tensor = 1.0,
+    dim: int = -2,
+) -> Iterator[TimeDraw]:
+    """``pyro.plate("time", T)`` subsampled to one timestep (uniform: Pyro scales its sites by T), or to
+    the given 0-based ``subsample`` indices; yields their timesteps shaped (k, 1, …) for the plate at
+    ``dim`` (inside a data plate at −1). ``scale`` is passed through (e.g. 1/(T·p_t) for drawn indices)."""
+    if subsample is None:
+        plate = pyro.plate("time", timesteps, subsample_size=1, dim=dim, device=device)
+    else:
+        plate = pyro.plate("time", timesteps, subsample=subsample, dim=dim)
+    with plate as index:
+        yield TimeDraw((index + 1).view(-1, *(1,) * (-dim - 1)), scale)
+
+
+def per_datum_timesteps(timesteps: int, *, like: torch.Tensor, name: str = "t") -> TimeDraw:
+    """One timestep per datum inside the caller's data plate: u ~ Uniform(0, T) at the masked site ``name``
+    (it scores nothing), t = ⌊u⌋ + 1 uniform on {1, …, T}; the x_prev term is scaled by T."""
+    uniform = dist.Uniform(like.new_zeros(()), like.new_tensor(float(timesteps)))
+    u = pyro.sample(name, uniform.mask(False))
+    return TimeDraw(u.detach().floor().long().clamp(0, timesteps - 1) + 1, float(timesteps))
+
+
+def reverse_pair(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    event_dims: int,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    decoder: str = "gaussian",
+    prefix: str = "x",
+) -> torch.Tensor:
+    """Model half of the time-subsampled pair: ``f"{prefix}_t"`` (masked) and ``f"{prefix}_prev"`` ~
+    p_θ(x_{t−1} | x_t), the decoder at t = 1, its log density scaled by ``scale``. Returns x_prev."""
+    marginal = forward_marginal(schedule, x0, t, event_dims).to_event(event_dims)
+    x_t = pyro.sample(f"{prefix}_t", marginal.mask(False))
+    eps = denoiser(x_t, t)
+    with poutine.scale(scale=scale):
+        kernel = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
+        return pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+
+
+def forward_pair(
+    schedule: DiffusionSchedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    event_dims: int,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    prefix: str = "x",
+) -> torch.Tensor:
+    """Guide half of the time-subsampled pair: ``f"{prefix}_t"`` ~ q(x_t | x_0) (masked), then
+    ``f"{prefix}_prev"`` ~ q(x_{t−1} | x_t, x_0) (x_0 itself at t = 1), scaled by ``scale``.
+    Returns x_prev."""
+    marginal = forward_marginal(schedule, x0, t, event_dims).to_event(event_dims)
+    x_t = pyro.sample(f"{prefix}_t", marginal.mask(False))
+    with poutine.scale(scale=scale):
+        kernel = forward_posterior(schedule, x_t, x0, t, event_dims)
+        return pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+
+
+# ---- the ELBO's terms in closed form -------------------------------------------------------------------
+def elbo_terms(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    x0: torch.Tensor,
+    event_dims: int,
+    *,
+    times: torch.Tensor | None = None,
+    decoder: str = "gaussian",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Terms of −ELBO at the timesteps ``times``, one draw x_t ~ q(x_t | x_0) each: shape (len(times), N).
+
+    Row t is KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) summed over the event, i.e. L_{t−1} for t ≥ 2
+    and −log p_θ(x_0 | x_1) = L_0 at t = 1 (the KL from a point mass); unbiased for their expectations.
+    Evaluated in chunks of about 2^18 network inputs, batched over data and timesteps.
+
+    :param x0: (N, *event) data.
+    :param times: LongTensor (c,) of timesteps in 1 … T on x0's device (default all, t = 1 first).
+    :param generator: torch generator for the draws of x_t.
+    :param progress: progress bar over the chunks.
+    """
+    if times is None:
+        times = schedule.times[1:]
+    budget = max(1, 2**18 // x0[0].numel())  # network inputs per call
+    data_chunk = min(x0.shape[0], budget)
+    time_chunk = max(1, budget // data_chunk)
+    work = [
+        (start, first)
+        for start in range(0, x0.shape[0], data_chunk)
+        for first in range(0, len(times), time_chunk)
+    ]
+    rows: dict[int, list[torch.Tensor]] = {}
+    for start, first in progress_bar(work, progress=progress, desc="ELBO terms"):
+        chunk = times[first : first + time_chunk]
+        batch = x0[start : start + data_chunk]
+        rows.setdefault(start, []).append(
+            _terms(denoiser, schedule, batch, chunk, event_dims, decoder=decoder, generator=generator)
+        )
+    return torch.cat([torch.cat(rows[start], 0) for start in sorted(rows)], 1)
+
+
+def _terms(denoiser, schedule, x0, times, event_dims, *, decoder, generator) -> torch.Tensor:
+    t = times.view(-1, 1)  # (c, 1): one timestep per row of the (c, N) batch
+    noise = torch.randn((times.shape[0], *x0.shape), generator=generator, dtype=x0.dtype, device=x0.device)
+    marginal = forward_marginal(schedule, x0, t, event_dims)
+    x_t = marginal.loc + marginal.scale * noise  # (c, N, *event)
+    eps = denoiser(x_t, t)
+    posterior = forward_posterior(schedule, x_t, x0, t, event_dims)
+    model = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
+    return sum_rightmost(kl_divergence(posterior, model), event_dims)

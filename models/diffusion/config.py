@@ -1,0 +1,86 @@
+"""The DDPM family's configuration: the dataclass a checkpoint stores, and the checks of its values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pvae.models.diffusion.chain import DECODERS
+from pvae.models.diffusion.schedules import REVERSE_VARIANCES, SCHEDULES, check_timesteps
+
+__all__ = ["OBJECTIVES", "TIME_SAMPLING", "DDPMConfig", "checked_config"]
+
+OBJECTIVES = ("elbo", "meanfield", "simple")
+TIME_SAMPLING = ("plate", "per_datum")
+
+
+@dataclass
+class DDPMConfig:
+    """Constructor arguments of :class:`~pvae.models.diffusion.DDPM` (what a checkpoint stores)."""
+
+    data_shape: tuple[int, ...] = (2,)
+    timesteps: int = 1000
+    schedule: str = "linear"
+    reverse_variance: str = "beta"
+    decoder: str = "gaussian"
+    ema_decay: float = 0.0
+    hidden_dim: int = 128
+    num_blocks: int = 3
+    channels: tuple[int, ...] = (32, 64)
+    time_sampling: str = "plate"
+    name: str | None = None
+
+
+def checked_config(
+    data_shape: Sequence[int],
+    timesteps: int,
+    schedule: str,
+    reverse_variance: str,
+    decoder: str | None,
+    ema_decay: float | None,
+    hidden_dim: int,
+    num_blocks: int,
+    channels: Sequence[int],
+    time_sampling: str,
+    name: str | None,
+) -> DDPMConfig:
+    """The config of these constructor arguments, with the defaults that depend on the data filled in
+    (images (C, H, W): the discretized decoder and EMA 0.999; otherwise Gaussian and no EMA); a
+    ``ValueError`` naming the first argument out of range."""
+    try:
+        data_shape = tuple(int(size) for size in data_shape)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"data_shape must be a tuple of positive ints, got {data_shape!r}") from error
+    if not data_shape or min(data_shape) < 1:
+        raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape!r}")
+    check_timesteps(timesteps)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if reverse_variance not in REVERSE_VARIANCES:
+        raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES}, got {reverse_variance!r}")
+    is_image = len(data_shape) == 3
+    if decoder is None:
+        decoder = "discretized" if is_image else "gaussian"
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS} (or None for the default), got {decoder!r}")
+    if ema_decay is None:
+        ema_decay = 0.999 if is_image else 0.0
+    if isinstance(ema_decay, bool) or not (
+        isinstance(ema_decay, int | float) and 0.0 <= float(ema_decay) < 1.0
+    ):
+        raise ValueError(f"ema_decay must be a number in [0, 1) (0 turns EMA off), got {ema_decay!r}")
+    if time_sampling not in TIME_SAMPLING:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
+    return DDPMConfig(
+        data_shape=data_shape,
+        timesteps=timesteps,
+        schedule=schedule,
+        reverse_variance=reverse_variance,
+        decoder=decoder,
+        ema_decay=float(ema_decay),
+        hidden_dim=hidden_dim,
+        num_blocks=num_blocks,
+        channels=tuple(int(width) for width in channels),
+        time_sampling=time_sampling,
+        name=name,
+    )
