@@ -34,19 +34,12 @@ from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import broadcast_all
 
+from pvae.utils import log1mexp
+
 __all__ = ["TruncatedNormal", "log_ndtri"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_HALF = math.log(0.5)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate near 0 and far below it (Mächler 2012)."""
-    near_zero = x > -math.log(2.0)
-    # Each branch only sees inputs valid for it, so torch.where has no NaN gradient to mix in.
-    x_near = torch.where(near_zero, x, torch.full_like(x, -math.log(2.0)))
-    x_far = torch.where(near_zero, torch.full_like(x, -math.log(2.0)), x)
-    return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
 def _log_phi(z: torch.Tensor) -> torch.Tensor:
@@ -244,7 +237,7 @@ class TruncatedNormal(TorchDistribution):
         # format once a' < _NEGLIGIBLE_BOUND, so clamping a' there keeps its value and a finite derivative.
         lo_general = torch.where(hi_general > 0, lo_general.clamp(min=_NEGLIGIBLE_BOUND), lo_general)
         log_cdf_hi = torch.special.log_ndtr(hi_general)
-        log_z = log_cdf_hi + _log1mexp(torch.special.log_ndtr(lo_general) - log_cdf_hi)
+        log_z = log_cdf_hi + log1mexp(torch.special.log_ndtr(lo_general) - log_cdf_hi)
         if tail is None:
             return sign, lo, hi, log_z, None, None, None, None
         u = torch.where(tail, -hi, torch.ones_like(hi))
@@ -283,7 +276,7 @@ class TruncatedNormal(TorchDistribution):
         z = (sign * (value - self.loc) / self.scale).clamp(min=lo, max=hi)  # standardized, mirrored
         log_cdf_z = torch.special.log_ndtr(z)
         # mass of [a', z'] relative to Z; mirrored intervals measure the upper part, so take 1 − it
-        mass = torch.exp(log_cdf_z + _log1mexp(torch.special.log_ndtr(lo) - log_cdf_z) - log_z)
+        mass = torch.exp(log_cdf_z + log1mexp(torch.special.log_ndtr(lo) - log_cdf_z) - log_z)
         mass = torch.where(z <= lo, torch.zeros_like(mass), mass)
         return torch.where(sign > 0, mass, 1 - mass).clamp(0, 1)
 

@@ -13,13 +13,13 @@ r"""The step distributions of the diffusion chains, and the one Gaussian KL they
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import register_kl
+
+from pvae.utils import log1mexp
 
 __all__ = ["DiscretizedGaussian", "ForwardStep", "ReverseStep", "gaussian_kl", "pixel_grid"]
 
@@ -48,14 +48,6 @@ class _PixelGrid(constraints.Constraint):
 
 
 pixel_grid = _PixelGrid()
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x < 0, accurate near 0 and far below it (Mächler 2012); NaN-free gradients."""
-    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
-    near = torch.log(-torch.expm1(x.clamp(min=-math.log(2))))
-    far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2))))
-    return torch.where(x > -math.log(2), near, far)
 
 
 def _snap_to_grid(value: torch.Tensor) -> torch.Tensor:
@@ -105,7 +97,9 @@ class DiscretizedGaussian(TorchDistribution):
         a = torch.where(right, -upper, lower)
         b = torch.where(right, -lower, upper)
         log_b = torch.special.log_ndtr(b)
-        inner = log_b + _log1mexp(torch.special.log_ndtr(a) - log_b)
+        # the mass of a bin that rounds to zero stays tiny but finite (log 0 would poison the loss)
+        gap = (torch.special.log_ndtr(a) - log_b).clamp(max=-torch.finfo(log_b.dtype).tiny)
+        inner = log_b + log1mexp(gap)
         # open edge bins: Φ(b) at x = −1 and 1 − Φ(a) = Φ(−a) at x = 1
         left_edge = value <= -1 + PIXEL_HALF_WIDTH
         right_edge = value >= 1 - PIXEL_HALF_WIDTH
