@@ -406,8 +406,9 @@ class _Validator:
         checked = {}
         for relative, tensor in params.items():
             field = f"param_store.params[{relative!r}]"
-            if relative and not relative.startswith((_MODULE_DIVIDER, ".", "_")):
-                self.fail(field, "a name relative to the family's prefix starts with '.', '_' or '$$$'")
+            if relative and not relative.startswith((".", "_")):
+                # module parameters ("prefix$$$…") live in the state dict, never here
+                self.fail(field, "a free param's name relative to the family's prefix starts with '.' or '_'")
             self.tensor(tensor, field, floating=True, finite=True)
             constraint = _constraint_from_spec(
                 specs[relative], self.failer(f"param_store.constraints[{relative!r}]")

@@ -185,8 +185,12 @@ def _conforms(value, hint) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False, value
+        try:
+            return True, float(value)
+        except OverflowError:  # an integer too large for a float
+            return False, value
     if hint is str:
         return isinstance(value, str) and len(value) <= _MAX_STRING, value
     if hint is tuple or origin is tuple:
@@ -272,9 +276,14 @@ def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) ->
     count = _element_count(probe)
     del probe
     if count > MAX_ELEMENTS:
+        sizes = ", ".join(
+            f"{key}={_describe(value)}"
+            for key, value in kwargs.items()
+            if isinstance(value, int | tuple) and not isinstance(value, bool)
+        )
         raise ValueError(
-            f"{cls.__qualname__} with {_describe(kwargs)} would hold {count:,} parameters and buffers, over "
-            f"the limit of {MAX_ELEMENTS:,} (pvae.family.MAX_ELEMENTS)"
+            f"{cls.__qualname__} would hold {count:,} parameters and buffers, over the limit of "
+            f"{MAX_ELEMENTS:,} (pvae.family.MAX_ELEMENTS); its sizes: {sizes}"
         )
     return cls(**kwargs)
 
