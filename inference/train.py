@@ -170,7 +170,16 @@ def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) 
     total, count = 0.0, 0
     for batch in loader:
         x = batch_data(batch).to(device)
-        total += float(elbo.loss(model, guide, x))
+        try:
+            total += float(elbo.loss(model, guide, x))
+        except ValueError as error:  # a distribution's parameter out of its support: the run diverged
+            first_line = str(error).split("\n", 1)[0]
+            if not first_line.startswith("Expected parameter"):
+                raise
+            raise FloatingPointError(
+                f"training diverged: the test objective has an invalid distribution parameter "
+                f"({first_line[:160]}…); try a smaller lr"
+            ) from None
         count += x.shape[0]
     if count == 0:
         raise ValueError("test_loader yielded no data")
@@ -374,6 +383,17 @@ def train(
         epoch_seconds = time.perf_counter() - started
         if not losses:
             raise ValueError("train_loader yielded no batches: it needs at least one batch per epoch")
+        # a finite loss can still come with non-finite gradients: never evaluate or save such parameters
+        if not all(bool(torch.isfinite(p).all()) for p in step.params or ()):
+            kept = (
+                f"the last good checkpoint ({os.fspath(checkpoint)}) is kept"
+                if checkpoint
+                else "nothing saved"
+            )
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch + 1}: a parameter became NaN/inf; {kept}. Try a smaller "
+                f"lr (now {step.lr:.3g})."
+            )
         step_losses = [value / size for value, size in zip(torch.stack(losses).tolist(), sizes)]
         history.step_losses += step_losses
         history.train_elbo.append(-sum(value * size for value, size in zip(step_losses, sizes)) / sum(sizes))
