@@ -560,8 +560,8 @@ class _Validator:
             values = history.get(key, [])
             if not isinstance(values, list | tuple) or len(values) > 10**8:
                 self.fail(f"history.{key}", "must be a list of numbers")
-            if not all(_is_number(v) for v in values):
-                self.fail(f"history.{key}", "must hold numbers only")
+            if not all(_is_finite_number(v) for v in values):
+                self.fail(f"history.{key}", "must hold finite numbers only")
         for key in ("train_elbo", "epoch_seconds"):
             if len(history.get(key, [])) != epoch:
                 self.fail(f"history.{key}", f"must have one entry per completed epoch ({epoch})")

@@ -267,20 +267,20 @@ def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) ->
         too large to build.
     """
     kwargs = kwargs if checked else check_config_kwargs(cls, kwargs)
+    sizes = ", ".join(
+        f"{key}={_describe(value)}"
+        for key, value in kwargs.items()
+        if isinstance(value, int | tuple) and not isinstance(value, bool)
+    )
     try:
         with torch.device("meta"):
             probe = cls(**kwargs)
     except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot build {cls.__qualname__} from {_describe(kwargs)}: {message}") from None
+        raise ValueError(f"cannot build {cls.__qualname__} ({message}); its sizes: {sizes}") from None
     count = _element_count(probe)
     del probe
     if count > MAX_ELEMENTS:
-        sizes = ", ".join(
-            f"{key}={_describe(value)}"
-            for key, value in kwargs.items()
-            if isinstance(value, int | tuple) and not isinstance(value, bool)
-        )
         raise ValueError(
             f"{cls.__qualname__} would hold {count:,} parameters and buffers, over the limit of "
             f"{MAX_ELEMENTS:,} (pvae.family.MAX_ELEMENTS); its sizes: {sizes}"
