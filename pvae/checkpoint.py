@@ -368,7 +368,7 @@ class _Validator:
     # ---- sections ----
     def family(self, value) -> dict:
         record = self.dict_of(value, "family")
-        if "class" in record and "name" not in record:  # format 1: a class path, read for registered ones
+        if "class" in record:  # format 1: a class path and the prefix as "name"; read for registered classes
             self.keys(record, "family", ("class", "kwargs", "name"), ("class", "kwargs"))
             path = record["class"]
             cls = family_by_class_path(path) if isinstance(path, str) else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pvae.checks import check_int
 from pvae.models.diffusion.chain import DECODERS
 from pvae.models.diffusion.schedules import REVERSE_VARIANCES, SCHEDULES, check_timesteps
 
@@ -29,6 +31,12 @@ class DDPMConfig:
     channels: tuple[int, ...] = (32, 64)
     time_sampling: str = "plate"
     name: str | None = None
+
+
+MAX_BLOCKS = 256  # residual blocks of the MLP denoiser
+MAX_LEVELS = 8  # U-Net levels (each halves the resolution)
+MAX_WIDTH = 65_536  # hidden width or channels of one layer
+MAX_DATUM = 2**24  # entries of one datum
 
 
 def checked_config(
@@ -71,6 +79,16 @@ def checked_config(
         raise ValueError(f"ema_decay must be a number in [0, 1) (0 turns EMA off), got {ema_decay!r}")
     if time_sampling not in TIME_SAMPLING:
         raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
+    # structural sizes: each layer is built (on the meta device too) before the family can be sized, so a
+    # count from an untrusted file is bounded here, not only by the total element limit
+    check_int("num_blocks", num_blocks, 1, MAX_BLOCKS)
+    check_int("hidden_dim", hidden_dim, 1, MAX_WIDTH)
+    if not isinstance(channels, Sequence) or not 1 <= len(channels) <= MAX_LEVELS:
+        raise ValueError(f"channels must list 1 to {MAX_LEVELS} U-Net widths, got {channels!r}")
+    for width in channels:
+        check_int("channels", width, 1, MAX_WIDTH)
+    if len(data_shape) > 3 or math.prod(data_shape) > MAX_DATUM:
+        raise ValueError(f"data_shape must have at most 3 dims and {MAX_DATUM:,} entries, got {data_shape!r}")
     return DDPMConfig(
         data_shape=data_shape,
         timesteps=timesteps,
