@@ -157,10 +157,11 @@ class ForwardStep(TorchDistribution):
 
     def log_prob(self, value):
         point = self.point
-        # the arguments were checked when this step was built: the Gaussian need not check them again
+        # the parts are checked as this step is (its arguments were checked when it was built)
         if not bool(point.any()):  # no t = 1 entry (the common case)
-            return dist.Normal(self.loc, self.scale, validate_args=False).log_prob(value)
-        gaussian = dist.Normal(self.loc, self._safe_scale(), validate_args=False).log_prob(value)
+            return dist.Normal(self.loc, self.scale, validate_args=self._validate_args).log_prob(value)
+        checked = self._validate_args
+        gaussian = dist.Normal(self.loc, self._safe_scale(), validate_args=checked).log_prob(value)
         return torch.where(point, torch.zeros_like(gaussian), gaussian)
 
 
@@ -190,20 +191,22 @@ class ReverseStep(TorchDistribution):
 
     def sample(self, sample_shape=()):
         with torch.no_grad():
-            gaussian = dist.Normal(self.loc, self.scale, validate_args=False).sample(sample_shape)
-            pixels = DiscretizedGaussian(self.loc, self.scale, validate_args=False).sample(sample_shape)
+            checked = self._validate_args
+            gaussian = dist.Normal(self.loc, self.scale, validate_args=checked).sample(sample_shape)
+            pixels = DiscretizedGaussian(self.loc, self.scale, validate_args=checked).sample(sample_shape)
             return torch.where(self.decoder, pixels, gaussian)
 
     def log_prob(self, value):
-        # the arguments were checked when this step was built: the parts need not check them again
-        gaussian = dist.Normal(self.loc, self.scale, validate_args=False).log_prob(value)
+        # the parts are checked as this step is (its arguments were checked when it was built)
+        gaussian = dist.Normal(self.loc, self.scale, validate_args=self._validate_args).log_prob(value)
         if not bool(self.decoder.any()):
             return gaussian
         if self._validate_args and not bool(pixel_grid.check(value[self.decoder.expand(value.shape)]).all()):
             raise ValueError("the decoder entries of the value must lie on the 256-level grid of [−1, 1]")
         # the continuous entries are discarded below; snapped to the grid they keep that branch finite
         on_grid = torch.where(self.decoder, value, _snap_to_grid(value))
-        discretized = DiscretizedGaussian(self.loc, self.scale, validate_args=False).log_prob(on_grid)
+        decoder = DiscretizedGaussian(self.loc, self.scale, validate_args=self._validate_args)
+        discretized = decoder.log_prob(on_grid)
         return torch.where(self.decoder, discretized, gaussian)
 
 
