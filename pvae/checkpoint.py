@@ -656,6 +656,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checked
 
 
+def _check_state(family: nn.Module, checkpoint: dict) -> None:
+    """The checkpoint's state dict against ``family``'s: same keys and shapes, compatible dtypes, finite."""
+    check = _Validator(checkpoint.get("source", "<checkpoint>"))
+    own = family.state_dict()
+    state = checkpoint["state_dict"]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        check.fail(
+            "state_dict",
+            f"keys differ from the family's: missing {_short(missing)}, unexpected {_short(extra)}",
+        )
+    for key, tensor in state.items():
+        reference = own[key]
+        if tensor.shape != reference.shape:
+            check.fail(
+                f"state_dict[{key!r}]",
+                f"has shape {tuple(tensor.shape)}, the family's is {tuple(reference.shape)}",
+            )
+        if tensor.is_floating_point() != reference.is_floating_point() or (
+            not reference.is_floating_point() and tensor.dtype != reference.dtype
+        ):
+            check.fail(f"state_dict[{key!r}]", f"has dtype {tensor.dtype}, the family's is {reference.dtype}")
+        if reference.is_floating_point() and not torch.isfinite(tensor).all():
+            check.fail(f"state_dict[{key!r}]", "has NaN/inf entries")
+
+
 def restore_family(family: nn.Module, checkpoint: dict, device=None) -> None:
     """Load a validated checkpoint's module state and free Pyro params into ``family`` (same registered
     family, same constructor arguments).
@@ -679,28 +705,8 @@ def restore_family(family: nn.Module, checkpoint: dict, device=None) -> None:
             key: (theirs.get(key), mine.get(key)) for key in mine if theirs.get(key) != mine.get(key)
         }
         check.fail("family.kwargs", f"built with other arguments (saved, here): {_short(differences)}")
-    own = family.state_dict()
-    state = checkpoint["state_dict"]
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        check.fail(
-            "state_dict",
-            f"keys differ from the family's: missing {_short(missing)}, unexpected {_short(extra)}",
-        )
-    for key, tensor in state.items():
-        reference = own[key]
-        if tensor.shape != reference.shape:
-            check.fail(
-                f"state_dict[{key!r}]",
-                f"has shape {tuple(tensor.shape)}, the family's is {tuple(reference.shape)}",
-            )
-        if tensor.is_floating_point() != reference.is_floating_point() or (
-            not reference.is_floating_point() and tensor.dtype != reference.dtype
-        ):
-            check.fail(f"state_dict[{key!r}]", f"has dtype {tensor.dtype}, the family's is {reference.dtype}")
-        if reference.is_floating_point() and not torch.isfinite(tensor).all():
-            check.fail(f"state_dict[{key!r}]", "has NaN/inf entries")
-    family.load_state_dict(state, strict=True)
+    _check_state(family, checkpoint)
+    family.load_state_dict(checkpoint["state_dict"], strict=True)
     device = device if device is not None else getattr(family, "device", torch.device("cpu"))
     store = pyro.get_param_store()
     for relative, (unconstrained, constraint) in checkpoint.get("param_store", {}).items():
@@ -740,8 +746,12 @@ def build_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") 
     kwargs = dict(record["kwargs"])
     if "name" in kwargs:
         kwargs["name"] = None  # a fresh unique prefix in Pyro's param store
-    try:
-        family = build_family(cls, kwargs, checked=True)
+    try:  # the state dict is compared on the meta-device family: nothing larger than the file is built
+        family = build_family(
+            cls, kwargs, checked=True, inspect_probe=lambda probe: _check_state(probe, checkpoint)
+        )
+    except CheckpointError:
+        raise
     except ValueError as error:
         check.fail("family.kwargs", str(error))
     family.to(resolve_device(device))

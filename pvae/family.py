@@ -253,7 +253,7 @@ def _element_count(module: nn.Module) -> int:
     return sum(tensor.numel() for tensor in (*module.parameters(), *module.buffers()))
 
 
-def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) -> Family:
+def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False, inspect_probe=None) -> Family:
     """Build ``cls(**kwargs)`` from untrusted arguments, refusing what it cannot or should not build.
 
     The arguments are checked against the declared config (:func:`check_config_kwargs`), the family is
@@ -263,6 +263,8 @@ def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) ->
     :param cls: a registered family class.
     :param kwargs: constructor arguments (e.g. a checkpoint's, or the command line's).
     :param checked: the arguments already went through :func:`check_config_kwargs`.
+    :param inspect_probe: called with the ``meta``-device family before the real one is built (e.g. to
+        compare its state dict's shapes with a checkpoint's, so nothing larger than the file is allocated).
     :raises ValueError: for an unknown or ill-typed argument, one the constructor rejects, or a family
         too large to build.
     """
@@ -279,6 +281,8 @@ def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False) ->
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot build {cls.__qualname__} ({message}); its sizes: {sizes}") from None
     count = _element_count(probe)
+    if inspect_probe is not None and count <= MAX_ELEMENTS:
+        inspect_probe(probe)
     del probe
     if count > MAX_ELEMENTS:
         raise ValueError(
