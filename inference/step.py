@@ -35,6 +35,10 @@ guards keep failing runs eagerly from then on (with a warning). Pyro's ``torch_i
 calls with which Trace_ELBO reports the loss as a float) is replaced by ``detach()`` while tracing, so the
 graph computes the loss value as a tensor. Batches whose shapes differ from the traced one (a last,
 smaller batch) run eagerly.
+
+(Longer than most modules: the three engines share one parameter capture, one optimizer and its saved
+state, and the guards that keep validation alive under a recorded graph; split, each half would need the
+other's internals.)
 """
 
 from __future__ import annotations
