@@ -20,12 +20,12 @@ and the field otherwise):
   data: numbers, strings, short lists; nothing in it is used as a path).
 
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a run killed
-while saving leaves the previous checkpoint intact.
-
-(This module is longer than most on purpose: it is the one place where pvae reads a file from a stranger,
-so every field's check stands here together, where it can be audited in one read.) ``pvae`` core never imports a family's module by a
+while saving leaves the previous checkpoint intact. ``pvae`` core never imports a family's module by a
 name from a file: a family must be registered by the running program (the built-in ones register when
 ``pvae.models`` is imported; a user's when their module is).
+
+(This module is longer than most on purpose: it is the one place where pvae reads a file from a stranger,
+so every field's check stands here together, where it can be audited in one read.)
 """
 
 from __future__ import annotations
