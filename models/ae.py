@@ -87,15 +87,6 @@ def _check_finite(x: torch.Tensor) -> None:
         check_finite("x", x)  # a finite sum that overflowed passes: the data are fine
 
 
-def _cached_scale(cache: dict, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """The likelihood's scale as a 0-d tensor on ``like``'s device and dtype, made once per pair."""
-    key = (like.device, like.dtype)
-    tensor = cache.get(key)
-    if tensor is None:
-        tensor = cache[key] = torch.full((), scale, dtype=like.dtype, device=like.device)
-    return tensor
-
-
 @dataclass
 class AEConfig:
     """Constructor arguments of :class:`AE` (field for field)."""
@@ -159,7 +150,6 @@ class AE(Family):
         self.config = AEConfig(
             x_dim=x_dim, hidden_dim=hidden_dim, z_dim=z_dim, scale=self.scale, name=self.name
         )
-        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +205,7 @@ class AE(Family):
             loc = self.decoder(z)  # shaped like x (with any leading particle dims)
             pyro.sample(
                 "x",
-                dist.Normal(loc, _cached_scale(self._scales, self.scale, loc)).to_event(event_dims),
+                dist.Normal(loc, loc.new_tensor(self.scale)).to_event(event_dims),
                 obs=x,
             )
 
