@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pvae.checks import check_int
+
 __all__ = ["MLPDenoiser", "UNetDenoiser", "default_denoiser", "sinusoidal_embedding"]
 
 
@@ -71,12 +73,6 @@ def _as_times(t, batch_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         ) from error
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_input(x: torch.Tensor, event_shape: tuple[int, ...]) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating torch.Tensor")
@@ -100,11 +96,11 @@ class MLPDenoiser(nn.Module):
         self, data_dim: int, timesteps: int = 1000, hidden_dim: int = 128, num_blocks: int = 3, time_dim=64
     ):
         super().__init__()
-        self.data_dim = _check_positive_int("data_dim", data_dim)
-        _check_positive_int("timesteps", timesteps)
-        _check_positive_int("hidden_dim", hidden_dim)
-        _check_positive_int("num_blocks", num_blocks)
-        if _check_positive_int("time_dim", time_dim) % 2:
+        self.data_dim = check_int("data_dim", data_dim)
+        check_int("timesteps", timesteps)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_blocks", num_blocks)
+        if check_int("time_dim", time_dim) % 2:
             raise ValueError(f"time_dim must be even, got {time_dim}")
         self.time_embedding = TimeEmbedding(timesteps, time_dim)
         self.input = nn.Linear(data_dim, hidden_dim)
@@ -193,8 +189,8 @@ class UNetDenoiser(nn.Module):
             raise ValueError(
                 f"image height and width must be divisible by 2^len(channels) = {factor}, got {image_shape}"
             )
-        _check_positive_int("timesteps", timesteps)
-        if _check_positive_int("time_dim", time_dim) % 2:
+        check_int("timesteps", timesteps)
+        if check_int("time_dim", time_dim) % 2:
             raise ValueError(f"time_dim must be even, got {time_dim}")
         self.image_shape = image_shape
         self.time_embedding = TimeEmbedding(timesteps, time_dim)

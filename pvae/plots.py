@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
+from pvae.checks import check_int
 from pvae.utils import write_atomically
 
 __all__ = [
@@ -309,8 +310,7 @@ def plot_latent_manifold(
     :returns: ``path``.
     """
     path = _check_path(path)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"grid must be an integer ≥ 2, got {grid!r}")
+    check_int("grid", grid, 2)
     owner = getattr(decode_fn, "__self__", None)
     parameter = next(owner.parameters(), None) if isinstance(owner, torch.nn.Module) else None
     device = device if device is not None else (parameter.device if parameter is not None else "cpu")

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 # The argument checks live in pvae.checks; re-exported here for code that imports them from pvae.utils.
-from pvae.checks import check_finite, check_positive
+from pvae.checks import check_finite, check_int, check_positive
 
 __all__ = [
     "check_finite",
@@ -161,8 +161,7 @@ def torch_threads(num_threads: int):
     Tiny problems (the toy, the mixture) spend their time in many small kernels, where intra-op threads
     only add synchronisation, so they run faster on one (the README has the measurement).
     """
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    check_int("num_threads", num_threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:

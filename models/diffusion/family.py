@@ -39,6 +39,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pvae.checks import check_int
 from pvae.data import check_model_space
 from pvae.denoisers import default_denoiser
 from pvae.family import Family, register_family
@@ -217,9 +218,7 @@ class DDPM(Family):
         return x0
 
     def _check_timestep(self, timestep) -> int:
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 1 <= timestep <= self.timesteps:
-            raise ValueError(f"timestep must be an integer in 1 … {self.timesteps}, got {timestep!r}")
-        return timestep
+        return check_int("timestep", timestep, 1, self.timesteps)
 
     @staticmethod
     def _check_weighting(weighting: str) -> None:
@@ -230,8 +229,8 @@ class DDPM(Family):
         """``pyro.plate("data", N)``: N = ``num_data`` draws without data; with data, ``num_data`` (default
         len(x0)) is the size of the data set x0 is a batch of, and the batch's terms are scaled by
         N/len(x0)."""
-        if num_data is not None and (isinstance(num_data, bool) or not isinstance(num_data, int)):
-            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        if num_data is not None:
+            check_int("num_data", num_data, None)
         if x0 is None:
             if num_data is None or num_data < 1:
                 raise ValueError(

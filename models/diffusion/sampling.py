@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from pvae.checks import check_int
 from pvae.models.diffusion.chain import Denoiser, predicted_x0, reverse_mean
 from pvae.models.diffusion.schedules import DiffusionSchedule
 from pvae.utils import progress_bar
@@ -132,12 +133,6 @@ def ddim_sample(
     return x, torch.stack(states, 0)
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def sample_chain(
     denoiser: Denoiser,
     schedule: DiffusionSchedule,
@@ -157,15 +152,13 @@ def sample_chain(
     DDIM on ``steps`` evenly spaced timesteps with noise scale ``eta`` when either is given (see
     :meth:`pvae.models.diffusion.DDPM.sample` for the arguments). With ``return_chain``, a
     :class:`SampleChain` with ``chain_length`` recorded states."""
-    _check_count("num_samples", num_samples)
-    batch_size = _check_count("batch_size", num_samples if batch_size is None else batch_size)
-    if isinstance(chain_length, bool) or not isinstance(chain_length, int) or chain_length < 2:
-        raise ValueError(f"chain_length must be an integer ≥ 2, got {chain_length!r}")
+    check_int("num_samples", num_samples)
+    batch_size = check_int("batch_size", num_samples if batch_size is None else batch_size)
+    check_int("chain_length", chain_length, 2)
     ddim = steps is not None or eta is not None
     if ddim:
         steps = schedule.timesteps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.timesteps:
-            raise ValueError(f"steps must be an integer in 1 … {schedule.timesteps}, got {steps!r}")
+        check_int("steps", steps, 1, schedule.timesteps)
         eta = 0.0 if eta is None else eta
         if not (isinstance(eta, int | float) and math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number ≥ 0, got {eta!r}")

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from pvae.checks import check_int
 from pvae.models.diffusion.steps import gaussian_kl
 
 __all__ = ["MAX_TIMESTEPS", "SCHEDULES", "DiffusionSchedule", "coefficient_table", "make_betas"]
@@ -41,9 +42,7 @@ MAX_TIMESTEPS = 100_000  # ten times the longest chains in the literature; keeps
 
 def check_timesteps(timesteps) -> int:
     """``timesteps`` if it is an integer in [1, MAX_TIMESTEPS]; ``ValueError`` naming it otherwise."""
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or not 1 <= timesteps <= MAX_TIMESTEPS:
-        raise ValueError(f"timesteps must be an integer in [1, {MAX_TIMESTEPS}], got {timesteps!r}")
-    return timesteps
+    return check_int("timesteps", timesteps, 1, MAX_TIMESTEPS)
 
 
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
