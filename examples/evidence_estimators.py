@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from pvae.inference import estimator_spread, fit
+from pvae.inference import estimator_spread
 from pvae.models.toy import ExponentialGaussian
 from pvae.plots import plot_estimator_spread
 from pvae.utils import resolve_device, seed_everything
@@ -26,8 +26,7 @@ def main(args):
     device = resolve_device(args.device)
     family = ExponentialGaussian().to(device)
     x = torch.tensor(args.x, dtype=torch.float64, device=device)
-    guide, data, num_steps, optimizer = family.svi_setup("meanfield", x, args.num_steps)
-    fit(family.model, guide, data, num_steps=num_steps, optim=optimizer, seed=args.seed)
+    guide, _ = family.fit_guide("meanfield", x, args.num_steps, seed=args.seed, progress=True)
 
     spread = estimator_spread(
         family.model, guide, x, num_samples=tuple(args.num_samples), repeats=args.repeats

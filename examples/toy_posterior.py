@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from pvae.inference import compare, fit
+from pvae.inference import compare
 from pvae.models.toy import ExponentialGaussian
 from pvae.utils import resolve_device, seed_everything
 
@@ -25,10 +25,10 @@ def main(args):
     family = ExponentialGaussian(rate=args.rate, scale=args.scale).to(device)
     x = torch.tensor(args.x, dtype=torch.float64, device=device)  # (N,)
 
-    guide, data, num_steps, optimizer = family.svi_setup(args.guide, x, args.num_steps)
-    if num_steps > 0:
-        losses = fit(family.model, guide, data, num_steps=num_steps, optim=optimizer, seed=args.seed)
-        print(f"fitted the {args.guide} guide: loss {losses[0]:.3f} → {losses[-1]:.3f} in {num_steps} steps")
+    guide, losses = family.fit_guide(args.guide, x, args.num_steps, seed=args.seed, progress=True)
+    if losses:
+        steps = len(losses)
+        print(f"fitted the {args.guide} guide: loss {losses[0]:.3f} → {losses[-1]:.3f} in {steps} steps")
 
     result = compare(family.model, guide, x, posterior=family.posterior, log_marginal=family.log_marginal)
     print(result.table())

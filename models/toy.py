@@ -57,6 +57,7 @@ from pvae.networks import mlp
 __all__ = [
     "DEFAULT_AMORTIZED_STEPS",
     "DEFAULT_PER_DATUM_STEPS",
+    "GUIDES",
     "PARAMETER_RANGE",
     "ExponentialGaussian",
     "ExponentialGaussianConfig",
@@ -65,6 +66,8 @@ __all__ = [
 
 DEFAULT_AMORTIZED_STEPS = 2000
 DEFAULT_PER_DATUM_STEPS = 1000
+#: The toy's guides, from exact to deliberately wrong (each is the method ``<name>_guide``).
+GUIDES = ("exact", "meanfield", "lognormal", "amortized")
 # The closed interval of rate λ and scale σ the toy accepts: the box over which its exact formulas are
 # tested (with x in [−1e4, 1e4]). Much further out the toy stops being computable at all: with σ far below
 # the float spacing near x, ((x − z)/σ)² overflows in the likelihood for any z a guide can represent.
@@ -258,14 +261,10 @@ class ExponentialGaussian(Family):
         """The family's default guide: the amortized one."""
         self.amortized_guide(x, num_data)
 
-    def guides(self) -> dict:
-        """The guides by name, for CLIs and loops."""
-        return {
-            "exact": self.exact_guide,
-            "meanfield": self.meanfield_guide,
-            "lognormal": self.lognormal_guide,
-            "amortized": self.amortized_guide,
-        }
+    def guide_named(self, name: str):
+        """The guide called ``name``, one of :data:`GUIDES`."""
+        check_choice("guide", name, GUIDES)
+        return getattr(self, f"{name}_guide")
 
     @staticmethod
     def _check_per_datum(param: torch.Tensor, x: torch.Tensor, which: str) -> None:
@@ -275,30 +274,36 @@ class ExponentialGaussian(Family):
                 f"but x has shape {tuple(x.shape)}; fit a fresh family (or clear its params) for new data"
             )
 
-    def svi_setup(self, guide: str, x: torch.Tensor, num_steps: int | None = None):
-        """How to fit one of the guides by SVI: ``(guide_fn, data, num_steps, optimizer)``, for
-        ``pvae.inference.fit(family.model, guide_fn, data, num_steps=num_steps, optim=optimizer)``.
+    def fit_guide(
+        self, name: str, x: torch.Tensor, num_steps: int | None = None, seed: int = 0, progress: bool = False
+    ):
+        """Fit the guide called ``name`` by SVI on Trace_ELBO with :func:`pvae.inference.fit`.
 
-        The per-datum guides are fitted on ``x`` itself; the amortized guide is fitted on a grid of x over
-        [−3, 5] (then used for any x). Adam's step size decays geometrically from 2e-2 to 1e-4 over the
-        ``num_steps`` steps (:func:`pvae.inference.scheduled_adam`, the schedule of ``train``'s ``lr_end``) so
-        the fitted guide settles instead of jittering with the Monte-Carlo gradient noise, which a final step
-        size ten times larger still left visible in the amortized guide's KL.
+        This is the toy's recipe, not a hook of the family contract: the per-datum guides are fitted on
+        ``x`` itself; the amortized guide on a grid of x over [−3, 5] (then used for any x). Adam's step
+        size decays geometrically from 2e-2 to 1e-4 over the ``num_steps`` steps
+        (``fit``'s ``lr_end``, the schedule ``train`` uses too), so the fitted
+        guide settles instead of jittering with the Monte-Carlo gradient noise.
 
-        :param guide: ``"exact"``, ``"meanfield"``, ``"lognormal"`` or ``"amortized"``.
-        :param num_steps: SVI steps (default: 1000 per-datum, 2000 amortized; 0 for ``"exact"``).
+        :param name: one of :data:`GUIDES`; the exact guide has nothing to fit.
+        :param num_steps: SVI steps (default :data:`DEFAULT_PER_DATUM_STEPS` per-datum,
+            :data:`DEFAULT_AMORTIZED_STEPS` amortized; always 0 for ``"exact"``).
+        :returns: ``(guide, losses)``: the fitted guide function and the loss of each step.
         """
-        from pvae.inference.svi import scheduled_adam  # models do not need inference until they are fitted
+        from pvae.inference.svi import fit  # models need inference only to be fitted
 
-        guides = self.guides()
-        check_choice("guide", guide, sorted(guides))
+        guide = self.guide_named(name)
         x = self._check(x)
         if num_steps is None:
-            num_steps = {"exact": 0, "amortized": DEFAULT_AMORTIZED_STEPS}.get(guide, DEFAULT_PER_DATUM_STEPS)
-        num_steps = check_int("num_steps", num_steps, low=0)
-        data = self.amortized_training_data(dtype=x.dtype, device=x.device) if guide == "amortized" else x
-        optimizer = scheduled_adam(2e-2, 1e-4, max(num_steps, 1))
-        return guides[guide], data, num_steps, optimizer
+            num_steps = DEFAULT_AMORTIZED_STEPS if name == "amortized" else DEFAULT_PER_DATUM_STEPS
+        num_steps = 0 if name == "exact" else check_int("num_steps", num_steps, low=0)
+        if num_steps == 0:
+            return guide, []
+        data = self.amortized_training_data(dtype=x.dtype, device=x.device) if name == "amortized" else x
+        losses = fit(
+            self.model, guide, data, num_steps=num_steps, lr=2e-2, lr_end=1e-4, seed=seed, progress=progress
+        )
+        return guide, losses
 
     def amortized_training_data(
         self, num_points: int = 512, low: float = -3.0, high: float = 5.0, **tensor_kwargs

@@ -12,8 +12,7 @@ from pvae.cli.common import (
     positive_int,
     print_json,
 )
-from pvae.models.toy import PARAMETER_RANGE
-from pvae.report.exact import TOY_GUIDES, fit_toy_guide
+from pvae.models.toy import GUIDES, PARAMETER_RANGE
 
 # ---- toy: the exponential–Gaussian model with an exact posterior ---------------------------------------
 # --rate and --scale: the range the toy accepts (where its exact posterior and evidence are accurate)
@@ -47,7 +46,7 @@ def register_toy(subparsers) -> None:
         help="observations in [−1e4, 1e4] (default −3 … 5)",
     )
     parser.add_argument(
-        "--guide", choices=TOY_GUIDES, default="amortized", help="guide to fit (default amortized)"
+        "--guide", choices=GUIDES, default="amortized", help="guide to fit (default amortized)"
     )
     parser.add_argument(
         "--num-steps",
@@ -81,7 +80,7 @@ def _toy(args) -> int:
     seed_everything(args.seed)
     family = ExponentialGaussian(rate=args.rate, scale=args.scale).to(device)
     x = torch.tensor(args.x, dtype=torch.float64, device=device)
-    guide, _ = fit_toy_guide(family, args.guide, x, args.num_steps, args.seed, progress=not args.json)
+    guide, _ = family.fit_guide(args.guide, x, args.num_steps, args.seed, progress=not args.json)
     result = compare(
         family.model,
         guide,

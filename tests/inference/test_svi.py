@@ -99,7 +99,6 @@ def test_fit_decays_the_rate_on_trains_geometric_schedule(adam_rates):
 def test_the_toys_fitting_recipe_uses_the_same_schedule(adam_rates):
     family = ExponentialGaussian()
     x = torch.tensor([-1.0, 2.0])
-    guide_fn, data, num_steps, optimizer = family.svi_setup("meanfield", x, num_steps=4)
-    fit(family.model, guide_fn, data, num_steps=num_steps, optim=optimizer, progress=False)
+    family.fit_guide("meanfield", x, num_steps=4)
     expected = [scheduled_lr(2e-2, 1e-4, k, 4) for k in range(4)]
     assert adam_rates == pytest.approx([rate for rate in expected for _ in range(2)], rel=1e-12)

@@ -8,8 +8,8 @@ import torch
 from pyro.infer import Predictive
 from scipy import integrate
 
-from pvae.inference import compare, fit
-from pvae.models.toy import ExponentialGaussian
+from pvae.inference import compare
+from pvae.models.toy import GUIDES, ExponentialGaussian
 from pvae.utils import torch_threads
 
 PARAMS = [(1.0, 1.0), (0.5, 2.0), (3.0, 0.4)]
@@ -95,10 +95,8 @@ def test_exact_guide_elbo_equals_log_evidence_with_zero_spread():
 
 
 def _fit(family, name, x, seed=0):
-    guide, data, num_steps, optimizer = family.svi_setup(name, x)
     with torch_threads(1):  # scalars: intra-op threads only slow SVI down
-        fit(family.model, guide, data, num_steps=num_steps, optim=optimizer, seed=seed, progress=False)
-    return guide
+        return family.fit_guide(name, x, seed=seed)[0]
 
 
 def test_amortized_guide_reaches_small_kl_with_default_steps():
@@ -143,7 +141,7 @@ def test_follows_dtype(dtype):
     assert family.posterior(x).sample().dtype == dtype
     trace = pyro.poutine.trace(family.model).get_trace(x)
     assert trace.nodes["z"]["value"].dtype == dtype
-    for guide in family.guides().values():
+    for guide in map(family.guide_named, GUIDES):
         assert pyro.poutine.trace(guide).get_trace(x).nodes["z"]["value"].dtype == dtype
 
 
