@@ -41,11 +41,10 @@ from pvae.checks import (
     check_choice,
     check_finite,
     check_int,
-    check_num_data,
     check_positive,
     check_probability,
 )
-from pvae.family import Family, register_family
+from pvae.family import Family, data_plate, register_family
 from pvae.networks import mlp
 
 __all__ = ["AE", "CORRUPTIONS", "DAE", "AEConfig", "DAEConfig", "FlatPrior"]
@@ -183,9 +182,9 @@ class AE(Family):
         The flat prior cannot be sampled: run the model with a guide (e.g. under ``Trace_ELBO``).
 
         :param x: (batch, x_dim) or (batch, length, x_dim).
-        :param num_data: with ``x``, the number of data points (it must equal the batch size); without, the
-            family contract's ``model(x=None, num_data=N)``, which this family cannot honour: it raises
-            ``ValueError`` (no prior predictive to draw from).
+        :param num_data: with ``x``, the size of the data set x is a batch of
+            (:func:`pvae.family.data_plate`); without, the family contract's ``model(x=None, num_data=N)``,
+            which this family cannot honour: it raises ``ValueError`` (no prior predictive to draw from).
         """
         if x is None:
             raise ValueError(
@@ -196,10 +195,9 @@ class AE(Family):
                 "VAE (pvae.models.vae.VAE), whose Normal(0, I) prior can be sampled"
             )
         x = self._prepare(x)
-        size = check_num_data(num_data, x)
         pyro.module(self.name, self)
         event_dims = x.dim() - 1
-        with pyro.plate("data", size):
+        with data_plate(x, num_data, device=self.device):
             code_shape = (*x.shape[1:-1], self.z_dim)  # (z_dim,) or (length, z_dim)
             z = pyro.sample("z", FlatPrior(x.shape[:1], code_shape))
             loc = self.decoder(z)  # shaped like x (with any leading particle dims)
@@ -213,11 +211,11 @@ class AE(Family):
         """Point mass at the code: ``"z"`` ~ Delta(encoder(x)) (a DAE encodes a corrupted x).
 
         :param x: the same data as given to :meth:`model`.
-        :param num_data: as for :meth:`model` (with data, it must equal the batch size).
+        :param num_data: as for :meth:`model`.
         """
         x = self._prepare(x)
         pyro.module(self.name, self)
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             code = self.encoder(self._encoder_input(x))  # (batch, z_dim) or (batch, length, z_dim)
             pyro.sample("z", dist.Delta(code, event_dim=x.dim() - 1))
 

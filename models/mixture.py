@@ -30,8 +30,8 @@ import torch
 from pyro.infer import config_enumerate
 from torch import nn
 
-from pvae.checks import check_finite, check_int, check_num_data
-from pvae.family import Family, register_family
+from pvae.checks import check_finite, check_int
+from pvae.family import Family, data_plate, register_family
 from pvae.networks import mlp
 
 __all__ = ["GaussianMixture", "GaussianMixtureConfig"]
@@ -129,9 +129,8 @@ class GaussianMixture(Family):
         """
         if x is not None:
             x = self._check(x)
-        size = check_num_data(num_data, x)
         weights, locs, scales = self._constants(x if x is not None else self.locs)
-        with pyro.plate("data", size):
+        with data_plate(x, num_data, device=self.device):
             z = pyro.sample("z", dist.OneHotCategorical(weights))  # (…, N, K), one-hot
             pyro.sample("x", dist.Normal(z @ locs, z @ scales).to_event(1), obs=x)  # mean (…, N, D)
 
@@ -155,12 +154,12 @@ class GaussianMixture(Family):
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """Amortized q_φ(z | x) = OneHotCategorical(logits = f_φ(x)), enumerated under TraceEnum_ELBO.
 
-        ``num_data``, as for :meth:`model`, must equal the number of data points when given.
+        ``num_data``: as for :meth:`model` (:func:`pvae.family.data_plate`).
         """
         x = self._check(x)
         pyro.module(self.name, self)
         logits = self.encoder(x.to(_net_dtype(self))).to(x.dtype)  # (N, K)
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             pyro.sample("z", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"})
 
     amortized_guide = guide

@@ -27,7 +27,7 @@ the constructor refuses rate or scale outside that range.
 
 Sites: ``"z"`` (latent) and ``"x"`` (observed), in ``pyro.plate("data", N)``; x has shape (N,).
 ``model(x=None, num_data=N)`` draws x at the same site from the prior predictive.
-Guides (each takes the model's data, ``x`` and an optional ``num_data`` that must agree with it), from
+Guides (each takes the model's data ``x`` and its optional ``num_data``, :func:`pvae.family.data_plate`), from
 exact to deliberately wrong:
 
 - :meth:`ExponentialGaussian.exact_guide` — the true posterior: ELBO = log p(x) with zero variance;
@@ -49,9 +49,9 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from pvae.checks import check_choice, check_finite, check_int, check_num_data
+from pvae.checks import check_choice, check_finite, check_int
 from pvae.distributions import TruncatedNormal
-from pvae.family import Family, register_family
+from pvae.family import Family, data_plate, register_family
 from pvae.networks import mlp
 
 __all__ = [
@@ -176,9 +176,8 @@ class ExponentialGaussian(Family):
         """
         if x is not None:
             x = self._check(x)
-        size = check_num_data(num_data, x)
         rate, scale = self._constants(x if x is not None else self.amortized_linear.weight)
-        with pyro.plate("data", size):
+        with data_plate(x, num_data, device=self.device):
             z = pyro.sample("z", dist.Exponential(rate))  # (N,) or (particles, N)
             pyro.sample("x", dist.Normal(z, scale), obs=x)
 
@@ -218,7 +217,7 @@ class ExponentialGaussian(Family):
     # ---- guides --------------------------------------------------------------------------------------
     def exact_guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = p(z | x): the ELBO equals log p(x) with zero variance."""
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             pyro.sample("z", self.posterior(x))
 
     def meanfield_guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
@@ -229,7 +228,7 @@ class ExponentialGaussian(Family):
             f"{self.name}.meanfield_scale", lambda: torch.ones_like(x), constraint=constraints.positive
         )
         self._check_per_datum(loc, x, "meanfield")
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             pyro.sample("z", TruncatedNormal(loc, scale, low=x.new_zeros(())))
 
     def lognormal_guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
@@ -240,7 +239,7 @@ class ExponentialGaussian(Family):
             f"{self.name}.lognormal_scale", lambda: torch.full_like(x, 0.5), constraint=constraints.positive
         )
         self._check_per_datum(loc, x, "lognormal")
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             pyro.sample("z", dist.LogNormal(loc, scale))
 
     def amortized_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +253,7 @@ class ExponentialGaussian(Family):
         x = self._check(x)
         pyro.module(f"{self.name}.amortized", self)
         loc, scale = self.amortized_parameters(x)
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             pyro.sample("z", TruncatedNormal(loc, scale, low=x.new_zeros(())))
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:

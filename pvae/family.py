@@ -28,9 +28,11 @@ import typing
 import warnings
 from typing import Any
 
+import pyro
 import torch
 from torch import nn
 
+from pvae.checks import check_int
 from pvae.utils import unique_name
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Family",
     "build_family",
     "check_config_kwargs",
+    "data_plate",
     "family_class",
     "register_family",
     "registered_families",
@@ -290,6 +293,35 @@ def build_family(cls: type, kwargs: dict[str, Any], *, checked: bool = False, in
             f"{MAX_ELEMENTS:,} (pvae.family.MAX_ELEMENTS); its sizes: {sizes}"
         )
     return cls(**kwargs)
+
+
+def data_plate(x: torch.Tensor | None, num_data: int | None = None, device=None) -> pyro.plate:
+    """The ``pyro.plate("data", …)`` of the contract ``model(x=None, num_data=None)``, ``guide(x, num_data)``.
+
+    - ``x=None``: N = ``num_data`` (required, ≥ 1) data points drawn from the prior predictive, on
+      ``device``;
+    - ``x`` a batch of B data points and ``num_data`` left out (or equal to B): the plate is the batch;
+    - ``x`` a batch of B and ``num_data=N > B``: x is a minibatch of a data set of N points, and every site
+      in the plate is scaled by N/B, so the log-densities and ELBO estimate the whole data set's (Pyro's
+      plate subsampling; a data-parallel rank passes its share of a global batch this way).
+
+    :raises ValueError: without data and without ``num_data``, or with ``num_data`` < B.
+    """
+    if x is None:
+        if num_data is None:
+            raise ValueError(
+                "pass the data x, or num_data=N (and x=None) to draw N data points from the prior predictive"
+            )
+        return pyro.plate("data", check_int("num_data", num_data), device=device)
+    batch = x.shape[0]
+    if num_data is None or check_int("num_data", num_data) == batch:
+        return pyro.plate("data", batch, device=x.device)
+    if num_data < batch:
+        raise ValueError(
+            f"num_data={num_data!r} is the size of the data set x is a batch of, so it must be at least the "
+            f"batch size {batch} (x has shape {tuple(x.shape)}); leave it out to use the batch alone"
+        )
+    return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
 
 
 class Family(nn.Module):

@@ -42,7 +42,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pvae.checks import check_int
 from pvae.data import check_model_space
 from pvae.denoisers import default_denoiser
-from pvae.family import Family, register_family
+from pvae.family import Family, data_plate, register_family
 from pvae.models.diffusion.chain import (
     TimeDraw,
     elbo_terms,
@@ -225,26 +225,6 @@ class DDPM(Family):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
-    def _data_plate(self, x0: torch.Tensor | None, num_data: int | None):
-        """``pyro.plate("data", N)``: N = ``num_data`` draws without data; with data, ``num_data`` (default
-        len(x0)) is the size of the data set x0 is a batch of, and the batch's terms are scaled by
-        N/len(x0)."""
-        if num_data is not None:
-            check_int("num_data", num_data, None)
-        if x0 is None:
-            if num_data is None or num_data < 1:
-                raise ValueError(
-                    f"model(None, num_data=N) draws N data from the prior predictive: pass num_data ≥ 1, got "
-                    f"{num_data!r}"
-                )
-            return pyro.plate("data", num_data, device=self.device)
-        batch = x0.shape[0]
-        if num_data is None or num_data == batch:
-            return pyro.plate("data", batch, device=x0.device)
-        if num_data < batch:
-            raise ValueError(f"num_data ({num_data}) must be at least the batch size ({batch})")
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x0.device))
-
     def _register_networks(self) -> None:
         """``pyro.module`` on every child but the average, under the family's name: the param-store names
         are "<name>$$$<state-dict key>", as for a family registered whole, and the average stays out."""
@@ -259,7 +239,7 @@ class DDPM(Family):
         if x0 is not None:
             x0 = self._check_data(x0)
         self._register_networks()
-        with self._data_plate(x0, num_data):
+        with data_plate(x0, num_data, device=self.device):
             return reverse_chain(self.denoiser, self.schedule, self.data_shape, obs=x0, decoder=self.decoder)
 
     def guide(self, x0: torch.Tensor, num_data: int | None = None) -> None:
@@ -269,7 +249,7 @@ class DDPM(Family):
         denoiser with ``pyro.module``).
         """
         x0 = self._check_data(x0)
-        with self._data_plate(x0, num_data):
+        with data_plate(x0, num_data, device=self.device):
             forward_chain(self.schedule, x0, self.event_dims)
 
     # ---- time-subsampled pair --------------------------------------------------------------------------
@@ -313,7 +293,7 @@ class DDPM(Family):
         x0 = self._check_data(x0)
         self._check_weighting(weighting)
         self._register_networks()
-        with self._data_plate(x0, num_data):
+        with data_plate(x0, num_data, device=self.device):
             if weighting == "elbo":
                 pyro.factor("prior_kl", -prior_kl(self.schedule, x0, self.event_dims))  # −L_T, constant in θ
             with self._timesteps(x0, timestep) as draw:
@@ -346,7 +326,7 @@ class DDPM(Family):
         """
         x0 = self._check_data(x0)
         self._check_weighting(weighting)
-        with self._data_plate(x0, num_data):  # no parameters here: pyro.module is the model's
+        with data_plate(x0, num_data, device=self.device):  # no parameters here: pyro.module is the model's
             with self._timesteps(x0, timestep) as draw:
                 scale = self._term_scale(draw, weighting, x0)
                 forward_pair(self.schedule, x0, draw.t, self.event_dims, scale=scale)

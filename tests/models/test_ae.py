@@ -79,8 +79,12 @@ def test_no_prior_predictive_says_why_and_what_instead(family):
         Predictive(ae.model, num_samples=2)(None, num_data=3)
     with pytest.raises(ValueError, match=message):
         ae.model(None, num_data=3)
-    with pytest.raises(ValueError, match=r"num_data=4 but x holds 2 data points"):
-        Trace_ELBO().loss(ae.model, ae.guide, torch.randn(2, 96), num_data=4)
+    x = torch.randn(2, 96)
+    pyro.set_rng_seed(0)
+    batch = Trace_ELBO().loss(ae.model, ae.guide, x)
+    pyro.set_rng_seed(0)
+    # with data, num_data is the size of the data set the batch comes from: each datum stands for 2
+    assert Trace_ELBO().loss(ae.model, ae.guide, x, num_data=4) == pytest.approx(2 * batch, rel=1e-5)
 
 
 # ---- denoising -------------------------------------------------------------------------------------------

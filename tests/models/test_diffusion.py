@@ -780,7 +780,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="num_data"):
         model.model()  # the prior predictive needs a number of draws
     with pytest.raises(ValueError, match="num_data"):
-        model.model(torch.zeros(3, 2), num_data=2)
+        model.model(torch.zeros(3, 2), num_data=2)  # fewer data than the batch holds
     with pytest.raises(ValueError, match="x0 is required"):
         model.guide(None, num_data=3)
     with pytest.raises(ValueError, match="objective"):

@@ -154,5 +154,5 @@ def test_the_model_needs_data_or_a_number_of_draws():
     family = GaussianMixture()
     with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
         family.model()
-    with pytest.raises(ValueError, match=r"num_data=2 but x holds 3 data points"):
+    with pytest.raises(ValueError, match=r"num_data=2 is the size of the data set x is a batch of"):
         family.model(torch.zeros(3), num_data=2)

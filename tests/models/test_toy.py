@@ -337,8 +337,8 @@ def test_the_model_needs_data_or_a_number_of_draws():
     family = ExponentialGaussian()
     with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
         family.model()
-    with pytest.raises(ValueError, match=r"num_data=3 but x holds 2 data points"):
-        family.model(torch.zeros(2), num_data=3)
+    with pytest.raises(ValueError, match=r"num_data=1 is the size of the data set x is a batch of"):
+        family.model(torch.zeros(2), num_data=1)
     with pytest.raises(ValueError, match="num_data must be a positive integer"):
         family.model(None, num_data=0)
-    family.model(torch.zeros(2), num_data=2)  # consistent: fine
+    family.model(torch.zeros(2), num_data=2)  # the batch is the data set: fine

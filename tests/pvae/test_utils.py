@@ -1,11 +1,15 @@
 import math
 
 import mpmath
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 
 from pvae import checks
-from pvae.checks import check_choice, check_int, check_num_data, check_probability
+from pvae.checks import check_choice, check_int, check_probability
+from pvae.family import data_plate
 from pvae.utils import (
     check_finite,
     check_positive,
@@ -68,7 +72,7 @@ def test_check_int_states_the_accepted_range(value, low, high, message):
         check_int("z_dim", value, low=low, high=high)
 
 
-def test_check_int_choice_probability_and_num_data_accept_good_values():
+def test_check_int_choice_and_probability_accept_good_values():
     assert check_int("n", 3) == 3 and check_int("n", 0, low=0) == 0 and check_int("n", 10, high=10) == 10
     assert check_choice("likelihood", "gaussian", ("bernoulli", "gaussian")) == "gaussian"
     for bad in ("poisson", None, torch.tensor(1.0), ["gaussian"]):
@@ -78,12 +82,31 @@ def test_check_int_choice_probability_and_num_data_accept_good_values():
     for bad, include_one in ((1.0, False), (-0.1, True), (math.nan, True), ("a lot", True)):
         with pytest.raises(ValueError, match=r"p must be a number in \[0, 1[\])]"):
             check_probability("p", bad, include_one=include_one)
-    assert check_num_data(4) == 4 and check_num_data(None, torch.zeros(3, 2)) == 3
-    assert check_num_data(3, torch.zeros(3)) == 3
+
+
+def test_data_plate_is_the_batch_or_a_scaled_minibatch_of_num_data():
+    x = torch.randn(3, 2)
+
+    def model(x, num_data=None):
+        with data_plate(x, num_data):
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1), obs=x)
+
+    def log_density(num_data):
+        trace = poutine.trace(model).get_trace(x, num_data)
+        return trace.log_prob_sum().item()
+
+    batch_only = dist.Normal(0.0, 1.0).log_prob(x).sum().item()
+    assert log_density(None) == pytest.approx(batch_only) and log_density(3) == pytest.approx(batch_only)
+    # a minibatch of 3 from a data set of 12: each datum stands for 4
+    assert log_density(12) == pytest.approx(4 * batch_only)
+    with data_plate(None, 5) as indices:
+        assert torch.equal(indices, torch.arange(5))
     with pytest.raises(ValueError, match="pass the data x, or num_data=N"):
-        check_num_data(None)
-    with pytest.raises(ValueError, match="num_data=2 but x holds 3 data points"):
-        check_num_data(2, torch.zeros(3))
+        data_plate(None)
+    with pytest.raises(ValueError, match="num_data=2 is the size of the data set x is a batch of"):
+        data_plate(x, 2)
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        data_plate(None, 0)
 
 
 def test_log1mexp_is_accurate_on_both_branches_and_has_finite_gradients():
