@@ -3,7 +3,7 @@
 from pvae import distributions, utils
 from pvae.checkpoint import CheckpointError, load
 from pvae.distributions import TruncatedNormal
-from pvae.family import Family, register_family, registered_families
+from pvae.family import Family, data_plate, register_family, registered_families
 
 __version__ = "0.1.0"
 
@@ -12,6 +12,7 @@ __all__ = [
     "Family",
     "TruncatedNormal",
     "__version__",
+    "data_plate",
     "distributions",
     "load",
     "register_family",

@@ -45,15 +45,14 @@ class BetaBernoulli(pvae.Family):
 
     def model(self, x=None, num_data=None):
         pyro.module(self.name, self)
-        count = x.shape[0] if x is not None else num_data
-        with pyro.plate("data", count):
+        with pvae.data_plate(x, num_data):
             theta = pyro.sample("theta", dist.Beta(self.prior[0], self.prior[1]))
             probs = theta.unsqueeze(-1).expand(*theta.shape, self.config.flips)
             pyro.sample("x", dist.Bernoulli(probs).to_event(1), obs=x)
 
     def guide(self, x, num_data=None):
         pyro.module(self.name, self)
-        with pyro.plate("data", x.shape[0]):
+        with pvae.data_plate(x, num_data):
             concentrations = softplus(self.encoder(x.mean(-1, keepdim=True))) + 1e-3
             pyro.sample("theta", dist.Beta(concentrations[..., 0], concentrations[..., 1]))
 
