@@ -8,8 +8,23 @@ Generative story (``model``), for each datum in the ``"data"`` plate::
 
 Amortized guide (``guide``)::
 
-    μ, log σ² = chunk(encoder(x), 2)                   # the MLP encoder Linear → LeakyReLU(0.2) → Linear
+    μ, log σ² = chunk(encoder(x), 2)                   # encoder: x (x_dim,) → (2·z_dim,)
     z ~ Normal(μ, σ²)                                  # site "z", reparameterized: z = μ + σ ⊙ ε
+
+Two architectures of encoder and decoder, one model/guide pair (``architecture=``, :data:`ARCHITECTURES`):
+
+- ``"mlp"`` (default): encoder Linear(x_dim, hidden_dim) → LeakyReLU(0.2) → Linear(hidden_dim, 2·z_dim);
+  decoder Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim).
+- ``"conv"`` (28×28 one-channel images, x_dim = 784): encoder Conv2d(1, 32, 4, stride 2, padding 1)
+  28 → 14 → LeakyReLU(0.2) → Conv2d(32, 64, 4, stride 2, padding 1) 14 → 7 → LeakyReLU(0.2) → flatten →
+  Linear(64·7·7, hidden_dim) → LeakyReLU(0.2) → Linear(hidden_dim, 2·z_dim); decoder Linear(z_dim,
+  hidden_dim) → ReLU → Linear(hidden_dim, 64·7·7) → ReLU → ConvTranspose2d(64, 32, 4, stride 2,
+  padding 1) 7 → 14 → ReLU → ConvTranspose2d(32, 1, 4, stride 2, padding 1) 14 → 28 → flatten
+  (:class:`~pvae.networks.ConvEncoder`, :class:`~pvae.networks.ConvDecoder`). The networks take and give
+  rows of 784 pixels and reshape to (−1, 1, 28, 28) inside, so data, sites and shapes are the MLP's.
+
+In both, ``hidden_dim`` is the width of the fully connected hidden layer next to the code, and the latent
+z is a vector of ``z_dim`` entries.
 
 The ELBO is E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)) ≤ log p(x), and for this pair the KL has the closed
 form (Kingma & Welling 2014, Appendix B) KL = ½ Σ_j (−log σ_j² + μ_j² + σ_j² − 1).
@@ -35,12 +50,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pvae.checks import check_choice, check_finite, check_int, check_num_data, check_positive
-from pvae.family import Family, register_family
+from pvae.checks import check_choice, check_finite, check_int, check_positive
+from pvae.family import Family, data_plate, register_family
+from pvae.networks import ConvDecoder, ConvEncoder
 
-__all__ = ["LIKELIHOODS", "VAE", "VAEConfig", "flatten_data"]
+__all__ = ["ARCHITECTURES", "CONV_IMAGE_SHAPE", "LIKELIHOODS", "VAE", "VAEConfig", "flatten_data"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+ARCHITECTURES = ("mlp", "conv")
+CONV_IMAGE_SHAPE = (1, 28, 28)  # (C, H, W) of the data of architecture="conv"
+CONV_CHANNELS = (32, 64)  # widths of the conv encoder's convolutions (28 → 14 → 7)
 
 
 @dataclass
@@ -53,6 +72,7 @@ class VAEConfig:
     likelihood: str = "bernoulli"
     name: str | None = None
     scale: float = 0.1
+    architecture: str = "mlp"  # checkpoints written without this field hold the MLP
 
 
 def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
@@ -85,11 +105,14 @@ def flatten_data(x: torch.Tensor, x_dim: int, name: str = "x") -> torch.Tensor:
 
 @register_family("vae")
 class VAE(Family):
-    """Variational autoencoder with MLP encoder and decoder.
+    """Variational autoencoder with MLP or convolutional encoder and decoder.
 
-    Encoder: Linear(x_dim, hidden_dim) → LeakyReLU(0.2) → Linear(hidden_dim, 2·z_dim), chunked into μ and
-    log σ². Decoder: Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim, x_dim), giving Bernoulli logits
-    or the Gaussian mean.
+    ``architecture="mlp"``: encoder Linear(x_dim, hidden_dim) → LeakyReLU(0.2) → Linear(hidden_dim,
+    2·z_dim), chunked into μ and log σ²; decoder Linear(z_dim, hidden_dim) → ReLU → Linear(hidden_dim,
+    x_dim), giving Bernoulli logits or the Gaussian mean. ``architecture="conv"``: two stride-2
+    convolutions (28 → 14 → 7, 32 and 64 channels) and a hidden layer of ``hidden_dim`` to 2·z_dim, and
+    the mirror image with transposed convolutions back to 1 × 28 × 28 (see the module docstring). Either
+    way ``encoder[-1]`` is the Linear layer giving (μ, log σ²) and ``decoder[0]`` the Linear layer taking z.
 
     Sites: ``"z"`` (latent, event (z_dim,)) and ``"x"`` (observed, event (x_dim,)), both in
     ``pyro.plate("data", batch)``. ``model``/``guide`` broadcast over extra leading particle dimensions
@@ -97,11 +120,14 @@ class VAE(Family):
 
     :param x_dim: entries per datum (784 for 28×28 images).
     :param z_dim: latent dimension.
-    :param hidden_dim: width of the hidden layer of encoder and decoder.
+    :param hidden_dim: width of the fully connected hidden layer next to the code, in encoder and decoder
+        (mlp: the only hidden layer; conv: the layer between the 64·7·7 feature map and the code).
     :param likelihood: ``"bernoulli"`` (binary data, decoder gives logits) or ``"gaussian"``
         (decoder gives the mean; fixed standard deviation ``scale``).
     :param name: prefix in Pyro's param store (default: a unique ``"vae_<k>"``).
     :param scale: standard deviation of the Gaussian likelihood (ignored for Bernoulli); it must be > 0.
+    :param architecture: ``"mlp"`` (default) or ``"conv"`` (:data:`ARCHITECTURES`); ``"conv"`` needs
+        x_dim = 784 (28×28 images, one channel).
     """
 
     config_class = VAEConfig
@@ -114,6 +140,7 @@ class VAE(Family):
         likelihood: str = "bernoulli",
         name: str | None = None,
         scale: float = 0.1,
+        architecture: str = "mlp",
     ):
         super().__init__(name)
         check_int("x_dim", x_dim)
@@ -121,6 +148,12 @@ class VAE(Family):
         check_int("hidden_dim", hidden_dim)
         check_choice("likelihood", likelihood, LIKELIHOODS)
         scale = check_positive("scale", scale)
+        check_choice("architecture", architecture, ARCHITECTURES)
+        if architecture == "conv" and x_dim != math.prod(CONV_IMAGE_SHAPE):
+            raise ValueError(
+                f"x_dim must be {math.prod(CONV_IMAGE_SHAPE)} (28×28 images, one channel) for "
+                f"architecture='conv', got {x_dim}; use architecture='mlp' for other data"
+            )
         self.config = VAEConfig(
             x_dim=x_dim,
             z_dim=z_dim,
@@ -128,15 +161,31 @@ class VAE(Family):
             likelihood=likelihood,
             name=self.name,
             scale=scale,
+            architecture=architecture,
         )
         self.x_dim, self.z_dim, self.likelihood, self.scale = x_dim, z_dim, likelihood, scale
-        self.encoder = nn.Sequential(
-            nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
-        )
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, x_dim))
-        # p(z) = Normal(0, I), built once per (device, dtype) rather than on every model call.
-        self._priors: dict[tuple[torch.device, torch.dtype], dist.TorchDistribution] = {}
-        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # the likelihood's scale
+        self.architecture = architecture
+        if architecture == "mlp":
+            self.encoder = nn.Sequential(
+                nn.Linear(x_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 2 * z_dim)
+            )
+            self.decoder = nn.Sequential(
+                nn.Linear(z_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, x_dim)
+            )
+        else:
+            self.encoder = ConvEncoder(
+                CONV_IMAGE_SHAPE,
+                2 * z_dim,
+                hidden_dim,
+                channels=CONV_CHANNELS,
+                activation=lambda: nn.LeakyReLU(0.2),
+            )
+            self.decoder = ConvDecoder(CONV_IMAGE_SHAPE, z_dim, hidden_dim, channels=CONV_CHANNELS)
+        # constants of p(z) = Normal(0, I) and of the Gaussian likelihood, as buffers that follow the
+        # module's device and dtype; not persistent, so they stay out of the state dict (the config has them)
+        self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
+        self.register_buffer("prior_scale", torch.ones(z_dim), persistent=False)
+        self.register_buffer("likelihood_scale", torch.tensor(float(self.scale)), persistent=False)
 
     # ---- data checks -------------------------------------------------------------------------------------
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,23 +222,13 @@ class VAE(Family):
             )
 
     # ---- networks ----------------------------------------------------------------------------------------
-    def _prior(self, like: torch.Tensor) -> dist.TorchDistribution:
-        key = (like.device, like.dtype)
-        prior = self._priors.get(key)
-        if prior is None:
-            loc = torch.zeros(self.z_dim, device=like.device, dtype=like.dtype)  # (z_dim,)
-            prior = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
-            self._priors[key] = prior
-        return prior
+    def _prior(self) -> dist.TorchDistribution:
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
     def _likelihood(self, output: torch.Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=output).to_event(1)
-        key = (output.device, output.dtype)
-        scale = self._scales.get(key)
-        if scale is None:
-            scale = self._scales[key] = torch.full((), self.scale, dtype=output.dtype, device=output.device)
-        return dist.Normal(output, scale).to_event(1)
+        return dist.Normal(output, self.likelihood_scale).to_event(1)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, log_var = self.encoder(x).chunk(2, dim=-1)  # (batch, z_dim) each
@@ -206,11 +245,9 @@ class VAE(Family):
         """
         if x is not None:
             x = self._prepare(x)
-        size = check_num_data(num_data, x)
         pyro.module(self.name, self)
-        like = x if x is not None else self.decoder[0].weight  # the dtype and device of the draws
-        with pyro.plate("data", size):
-            z = pyro.sample("z", self._prior(like))  # (batch, z_dim), or (particles, batch, z_dim)
+        with data_plate(x, num_data, device=self.device):
+            z = pyro.sample("z", self._prior())  # (batch, z_dim), or (particles, batch, z_dim)
             pyro.sample("x", self._likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
@@ -221,7 +258,7 @@ class VAE(Family):
         """
         x = self._prepare(x)
         pyro.module(self.name, self)
-        with pyro.plate("data", check_num_data(num_data, x)):
+        with data_plate(x, num_data):
             loc, scale = self._encode(x)  # (batch, z_dim) each
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -257,7 +294,7 @@ class VAE(Family):
         return self.decode(loc).reshape(x.shape)
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, mean: bool = True, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw z ~ Normal(0, I) on the module's device and decode it (no gradient).
 
         :param n: number of samples, ≥ 1.
@@ -276,6 +313,38 @@ class VAE(Family):
             return torch.bernoulli(mean_x, generator=generator)
         noise = torch.randn(mean_x.shape, device=weight.device, dtype=weight.dtype, generator=generator)
         return mean_x + self.scale * noise
+
+    def elbo(
+        self,
+        x: torch.Tensor,
+        num_particles: int = 1,
+        *,
+        grad: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Per-datum ELBO, shape (batch,): log p(x | z) averaged over S draws, minus the KL in closed form,
+
+        ELBO(x) ≈ (1/S) Σ_s log p(x | z_s) − KL(q(z | x) ‖ p(z)),   z_s = μ(x) + σ(x) ⊙ ε_s,  ε_s ~ N(0, I),
+
+        an unbiased estimate of the ELBO that ``TraceMeanField_ELBO`` estimates the same way and
+        ``Trace_ELBO`` with a Monte-Carlo KL (its loss is −Σ_n ELBO(x_n) in expectation).
+
+        :param x: (batch, x_dim) data or images, as for :meth:`model`.
+        :param num_particles: S, draws of z per datum (≥ 1).
+        :param grad: keep the autograd graph (default: evaluate under ``torch.no_grad``).
+        :param generator: torch generator for the draws (on the module's device).
+        :returns: (batch,) ELBO estimates in nats, in the parameters' dtype.
+        """
+        check_int("num_particles", num_particles)
+        x = self._prepare(x)
+        with torch.set_grad_enabled(grad):
+            loc, scale = self._encode(x)  # (batch, z_dim) each
+            noise = torch.randn(
+                (num_particles, *loc.shape), dtype=loc.dtype, device=loc.device, generator=generator
+            )  # (S, batch, z_dim)
+            z = loc + scale * noise
+            log_likelihood = self._likelihood(self.decoder(z)).log_prob(x)  # (S, batch)
+            return log_likelihood.mean(0) - self.analytic_kl(loc, scale)
 
     @staticmethod
     def analytic_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,15 @@ def _add_arguments(kind: str):
             help="Gaussian likelihood std (default: the family's)",
         )
         if kind == "vae":
+            from pvae.models.vae import ARCHITECTURES, VAEConfig
+
+            parser.add_argument(
+                "--architecture",
+                choices=ARCHITECTURES,
+                default=VAEConfig.architecture,
+                help=f"encoder and decoder networks (default {VAEConfig.architecture}); conv: strided "
+                "convolutions on the 28×28 digits, --hidden-dim sizing its fully connected layer",
+            )
             parser.add_argument(
                 "--likelihood",
                 choices=("bernoulli", "gaussian"),
@@ -93,7 +102,7 @@ def _config(kind: str):
         if args.scale is not None:
             kwargs["scale"] = args.scale
         if kind == "vae":
-            kwargs["likelihood"] = args.likelihood
+            kwargs |= {"likelihood": args.likelihood, "architecture": args.architecture}
         if kind == "dae":
             kwargs |= {"corruption": args.corruption, "noise": args.noise}
         return kwargs

@@ -16,9 +16,15 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
+import pvae
+from pvae import checkpoint as ckpt
 from pvae.data import BatchLoader, load_images
+from pvae.family import build_family, check_config_kwargs
 from pvae.inference import log_evidence
-from pvae.models.vae import VAE, VAEConfig
+from pvae.models.vae import ARCHITECTURES, VAE, VAEConfig
+
+# The conv networks' small batches run faster on one intra-op thread than on two busy ones.
+conv_on_one_thread = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +44,12 @@ def _traces(vae, x):
 
 
 # ---- the ELBO: Monte-Carlo KL vs closed form -------------------------------------------------------------
-def _fixed_network(z_dim: int, hidden_dim: int) -> VAE:
+def _fixed_network(z_dim: int, hidden_dim: int, architecture: str = "mlp") -> VAE:
     """A fixed VAE whose posteriors sit far from the prior (KL of several nats per datum)."""
-    vae = VAE(z_dim=z_dim, hidden_dim=hidden_dim).double()
+    vae = VAE(z_dim=z_dim, hidden_dim=hidden_dim, architecture=architecture).double()
     with torch.no_grad():
-        vae.encoder[2].weight[:z_dim] *= 8.0  # spread the means μ
-        vae.encoder[2].bias[z_dim:] = -3.0  # σ ≈ 0.22
+        vae.encoder[-1].weight[:z_dim] *= 8.0  # spread the means μ
+        vae.encoder[-1].bias[z_dim:] = -3.0  # σ ≈ 0.22
     return vae
 
 
@@ -83,6 +89,29 @@ def test_trace_and_meanfield_elbo_agree_unpaired(digits):
     difference = trace_losses.mean() - meanfield_losses.mean()
     loc, scale = vae.encode(x)
     assert stderr < 0.01 * VAE.analytic_kl(loc, scale).sum()  # a KL off by a few percent would show
+    assert abs(difference) < 4 * stderr, (float(difference), stderr)
+
+
+@conv_on_one_thread
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_per_datum_elbo_agrees_with_trace_elbo_in_expectation(digits, architecture):
+    """VAE.elbo (closed-form KL, one value per datum) summed over the data plate and −Trace_ELBO's loss
+    (Monte-Carlo KL) estimate the same ELBO: unpaired z-test on their means, with a KL large enough that
+    one off by several percent would show."""
+    _, x = digits
+    x = x[:8].float()
+    vae = _fixed_network(z_dim=8, hidden_dim=32, architecture=architecture).float()
+    trace_elbo = Trace_ELBO(num_particles=20, vectorize_particles=True, max_plate_nesting=1)
+    trace_values = torch.tensor(
+        [-trace_elbo.loss(vae.model, vae.guide, x) for _ in range(10)], dtype=torch.float64
+    )
+    per_datum = torch.stack([vae.elbo(x, num_particles=20) for _ in range(10)])  # (10, 8)
+    assert per_datum.shape == (10, 8) and not per_datum.requires_grad
+    elbo_values = per_datum.sum(1).double()
+    stderr = math.sqrt((trace_values.var() + elbo_values.var()) / 10)
+    loc, scale = vae.encode(x)
+    assert stderr < 0.02 * VAE.analytic_kl(loc, scale).sum()  # a KL off by several percent would show
+    difference = trace_values.mean() - elbo_values.mean()
     assert abs(difference) < 4 * stderr, (float(difference), stderr)
 
 
@@ -194,10 +223,12 @@ def test_integer_data_raise():
         VAE().model(torch.zeros(3, 784, dtype=torch.int64))
 
 
-def test_image_shapes_are_flattened(digits):
+@conv_on_one_thread
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_image_shapes_are_flattened(digits, architecture):
     _, x = digits
     x = x[:8].float()
-    vae = VAE(z_dim=4, hidden_dim=16)
+    vae = VAE(z_dim=4, hidden_dim=16, architecture=architecture)
     losses = []
     for images in (x, x.reshape(8, 28, 28), x.reshape(8, 1, 28, 28)):
         pyro.set_rng_seed(0)
@@ -218,6 +249,10 @@ def test_image_shapes_are_flattened(digits):
         {"likelihood": "gaussian", "scale": 0.0},
         {"scale": -1.0},
         {"name": ""},
+        {"architecture": "resnet"},
+        {"architecture": "CONV"},
+        {"architecture": "conv", "x_dim": 100},
+        {"x_dim": 28, "architecture": "conv"},
     ],
     ids=lambda kwargs: "-".join(f"{k}={v}" for k, v in kwargs.items()),
 )
@@ -227,9 +262,12 @@ def test_bad_constructor_arguments_raise(kwargs):
 
 
 # ---- shapes, dtypes, particles ---------------------------------------------------------------------------
-def test_float64_in_float64_out(digits):
+@conv_on_one_thread
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_float64_in_float64_out(digits, architecture):
     _, x = digits
-    vae = VAE(z_dim=3, hidden_dim=16).double()
+    x = x[:16]
+    vae = VAE(z_dim=3, hidden_dim=16, architecture=architecture).double()
     loc, scale = vae.encode(x)
     assert loc.dtype == scale.dtype == torch.float64
     assert vae.reconstruct(x).dtype == torch.float64
@@ -239,13 +277,16 @@ def test_float64_in_float64_out(digits):
     assert model_trace.nodes["x"]["log_prob"].dtype == torch.float64
     assert model_trace.nodes["z"]["log_prob"].dtype == torch.float64
     # A float32 family casts float64 data to its own dtype rather than failing inside nn.Linear.
-    assert VAE(z_dim=3).encode(x)[0].dtype == torch.float32
+    assert vae.elbo(x).dtype == torch.float64
+    assert VAE(z_dim=3, architecture=architecture).encode(x)[0].dtype == torch.float32
 
 
-def test_model_and_guide_broadcast_over_a_leading_particle_dim(digits):
+@conv_on_one_thread
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_model_and_guide_broadcast_over_a_leading_particle_dim(digits, architecture):
     _, x = digits
     x = x[:5]
-    vae = VAE(z_dim=4, hidden_dim=16).double()
+    vae = VAE(z_dim=4, hidden_dim=16, architecture=architecture).double()
     with pyro.plate("particles", 3, dim=-2):
         guide_trace, model_trace = _traces(vae, x)
     z = guide_trace.nodes["z"]["value"]
@@ -262,10 +303,13 @@ def test_model_and_guide_broadcast_over_a_leading_particle_dim(digits):
             )
         expected_q = torch.distributions.Normal(loc, scale).log_prob(z[particle]).sum(-1)
         torch.testing.assert_close(guide_trace.nodes["z"]["log_prob"][particle], expected_q)
+        torch.testing.assert_close(vae.decode(z)[particle], vae.decode(z[particle]))
 
 
-def test_sample_and_reconstruct():
-    vae = VAE(z_dim=3, hidden_dim=16)
+@conv_on_one_thread
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_sample_and_reconstruct(architecture):
+    vae = VAE(z_dim=3, hidden_dim=16, architecture=architecture)
     means = vae.sample(7)
     assert means.shape == (7, 784) and means.device == vae.device
     assert ((means > 0) & (means < 1)).all()
@@ -279,7 +323,7 @@ def test_sample_and_reconstruct():
     with pytest.raises(ValueError, match=r"z must be a tensor of shape \(\.\.\., 3\)"):
         vae.decode(torch.zeros(2, 4))
     z = torch.randn(2, 3)
-    gaussian = VAE(z_dim=3, hidden_dim=16, likelihood="gaussian")
+    gaussian = VAE(z_dim=3, hidden_dim=16, likelihood="gaussian", architecture=architecture)
     torch.testing.assert_close(gaussian.decode(z), gaussian.decoder(z))
     torch.testing.assert_close(vae.decode(z), torch.sigmoid(vae.decoder(z)))
 
@@ -311,10 +355,13 @@ def test_two_vaes_do_not_share_parameters(digits):
     assert not torch.equal(first.decoder[0].weight, second.decoder[0].weight)
 
 
-def test_config_fields_are_the_constructor_arguments():
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_config_fields_are_the_constructor_arguments(architecture):
     parameters = list(inspect.signature(VAE).parameters)
     assert [field.name for field in dataclasses.fields(VAEConfig)] == parameters
-    vae = VAE(z_dim=7, hidden_dim=33, likelihood="gaussian", scale=0.3, name="digits")
+    vae = VAE(
+        z_dim=7, hidden_dim=33, likelihood="gaussian", scale=0.3, name="digits", architecture=architecture
+    )
     rebuilt = type(vae)(**vae.constructor_kwargs())
     assert rebuilt.config == vae.config
     rebuilt.load_state_dict(vae.state_dict())
@@ -419,5 +466,166 @@ def test_the_model_needs_data_or_a_number_of_draws():
     vae = VAE(x_dim=6, z_dim=2, hidden_dim=4)
     with pytest.raises(ValueError, match=r"pass the data x, or num_data=N"):
         vae.model()
-    with pytest.raises(ValueError, match=r"num_data=5 but x holds 3 data points"):
-        vae.model(torch.zeros(3, 6), num_data=5)
+    with pytest.raises(ValueError, match=r"num_data=2 is the size of the data set x is a batch of"):
+        vae.model(torch.zeros(3, 6), num_data=2)
+    # a minibatch of 3 from 6 data: every site scaled by 2
+    trace = pyro.poutine.trace(vae.model).get_trace(torch.zeros(3, 6), num_data=6)
+    assert trace.nodes["x"]["scale"] == 2.0 and trace.nodes["z"]["scale"] == 2.0
+
+
+# ---- the convolutional architecture ----------------------------------------------------------------------
+def test_network_is_the_conv_encoder_and_decoder():
+    """28 → 14 → 7 with 32 and 64 channels, hidden_dim next to the code, 1 × 28 × 28 logits out."""
+    vae = VAE(z_dim=20, hidden_dim=400, architecture="conv")
+    encoder, decoder = vae.encoder, vae.decoder
+    assert [type(layer).__name__ for layer in encoder] == [
+        *["Conv2d", "LeakyReLU"] * 2,
+        *["Flatten", "Linear", "LeakyReLU", "Linear"],
+    ]
+    assert all(layer.negative_slope == 0.2 for layer in encoder if isinstance(layer, torch.nn.LeakyReLU))
+    assert [type(layer).__name__ for layer in decoder] == [
+        *["Linear", "ReLU", "Linear", "ReLU", "Unflatten"],
+        *["ConvTranspose2d", "ReLU", "ConvTranspose2d", "Flatten"],  # logits: no activation at the end
+    ]
+    images = torch.zeros(3, 1, 28, 28)
+    assert encoder[:2](images).shape == (3, 32, 14, 14)
+    assert encoder[:4](images).shape == (3, 64, 7, 7)
+    assert (encoder[5].in_features, encoder[5].out_features, encoder[7].out_features) == (64 * 7 * 7, 400, 40)
+    assert (decoder[0].in_features, decoder[0].out_features, decoder[2].out_features) == (20, 400, 64 * 7 * 7)
+    codes = torch.zeros(3, 20)
+    assert decoder[:5](codes).shape == (3, 64, 7, 7)
+    assert decoder[:7](codes).shape == (3, 32, 14, 14)
+    assert decoder[:8](codes).shape == (3, 1, 28, 28)
+
+
+@conv_on_one_thread
+def test_conv_shapes_of_encode_decode_sample_reconstruct_and_elbo(digits):
+    _, x = digits
+    x = x[:6].float()
+    vae = VAE(z_dim=3, hidden_dim=16, architecture="conv")
+    loc, scale = vae.encode(x)
+    assert loc.shape == scale.shape == (6, 3) and (scale > 0).all()
+    assert vae.encode(x.reshape(6, 1, 28, 28))[0].shape == (6, 3)
+    assert vae.decode(loc).shape == (6, 784)
+    assert vae.decode(torch.randn(4, 6, 3)).shape == (4, 6, 784)  # particles, batch
+    assert vae.decode(torch.randn(3)).shape == (784,)
+    assert vae.sample(5).shape == vae.sample(5, mean=False).shape == (5, 784)
+    assert vae.reconstruct(x).shape == (6, 784)
+    assert vae.reconstruct(x.reshape(6, 28, 28)).shape == (6, 28, 28)
+    assert vae.elbo(x, num_particles=3).shape == (6,)
+    assert vae.elbo(x, grad=True).requires_grad
+    draws = Predictive(vae.model, num_samples=2)(None, num_data=3)
+    assert draws["z"].shape == (2, 3, 3) and draws["x"].shape == (2, 3, 784)
+
+
+@conv_on_one_thread
+def test_log_evidence_of_the_conv_vae(digits):
+    """The evidence estimators run through the conv networks with particles in an outer plate: guide and
+    prior proposals estimate the same log p(x), and the IWAE bound lies above the ELBO."""
+    _, x = digits
+    x = x[::16][:4].float()
+    vae = VAE(z_dim=2, hidden_dim=32, architecture="conv")
+    with_guide = log_evidence(vae.model, vae.guide, x, num_samples=500)
+    with_prior = log_evidence(vae.model, vae.guide, x, num_samples=500, proposal="prior")
+    assert with_guide.shape == (4,) and with_guide.dtype == torch.float32
+    assert torch.isfinite(with_guide).all()
+    torch.testing.assert_close(with_guide, with_prior, atol=0.3, rtol=0)
+    assert (with_guide > vae.elbo(x, num_particles=500)).all()
+
+
+@conv_on_one_thread
+def test_a_few_hundred_svi_steps_train_the_conv_vae(digits):
+    """Gradients reach every layer: each parameter moves, the test ELBO rises far above an untrained
+    decoder's, and the codes carry information about x (KL(q(z | x) ‖ p(z)) well above zero)."""
+    _, test_x = digits
+    test_x = test_x.float()
+    train = load_images("mnist5k", "train").flat()[::20]  # 250 digits, every class
+    loader = BatchLoader(train, batch_size=10, binarize="dynamic", seed=0)
+    vae = VAE(z_dim=8, hidden_dim=32, architecture="conv")
+    initial = {key: value.clone() for key, value in vae.named_parameters()}
+
+    def test_elbo():
+        return vae.elbo(test_x, num_particles=4, generator=torch.Generator().manual_seed(0)).mean()
+
+    before = test_elbo()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    for _ in range(8):  # 25 steps per epoch: 200 steps
+        for batch, _ in loader:
+            svi.step(batch)
+    after = test_elbo()
+    assert before < -450  # an untrained decoder is close to coin flips (784 log 2 ≈ 543 nats)
+    assert after > before + 200 and after > -240, (float(before), float(after))
+    unchanged = [key for key, value in vae.named_parameters() if torch.equal(value, initial[key])]
+    assert not unchanged
+    loc, scale = vae.encode(test_x)
+    assert VAE.analytic_kl(loc, scale).mean() > 2.0
+
+
+def _perturbed(vae: VAE) -> VAE:
+    """``vae`` with every parameter moved off its initialization, so a freshly built one would differ."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return vae
+
+
+def _same_outputs(first: VAE, second: VAE, x: torch.Tensor) -> None:
+    for a, b in zip(first.encode(x), second.encode(x)):
+        assert torch.equal(a, b)
+    z = torch.randn(2, x.shape[0], first.z_dim)
+    assert torch.equal(first.decode(z), second.decode(z))
+    draws = [vae.elbo(x, 3, generator=torch.Generator().manual_seed(5)) for vae in (first, second)]
+    assert torch.equal(*draws)
+
+
+@conv_on_one_thread
+def test_conv_checkpoint_round_trip_restores_identical_outputs(digits, tmp_path):
+    _, x = digits
+    x = x[:6].float()
+    vae = _perturbed(VAE(z_dim=3, hidden_dim=16, architecture="conv"))
+    path = ckpt.save_checkpoint(tmp_path / "conv.pt", vae, epoch=1)
+    assert ckpt.load_checkpoint(path)["family"]["kwargs"]["architecture"] == "conv"
+    loaded = pvae.load(path)
+    assert type(loaded) is VAE and loaded.architecture == "conv" and loaded.name != vae.name
+    assert loaded.constructor_kwargs() | {"name": None} == vae.constructor_kwargs() | {"name": None}
+    _same_outputs(vae, loaded, x)
+
+
+def test_a_config_without_architecture_builds_the_mlp(digits, tmp_path):
+    """Checkpoints written before VAEConfig had ``architecture`` hold no such key: they rebuild the MLP."""
+    _, x = digits
+    x = x[:6].float()
+    vae = _perturbed(VAE(z_dim=3, hidden_dim=16))
+    older = {key: value for key, value in vae.constructor_kwargs().items() if key != "architecture"}
+    assert build_family(VAE, older | {"name": None}).config.architecture == "mlp"
+    path = ckpt.save_checkpoint(tmp_path / "mlp.pt", vae, epoch=1)
+    payload = torch.load(path, weights_only=True)
+    del payload["family"]["kwargs"]["architecture"]  # as an older checkpoint holds it
+    torch.save(payload, path)
+    loaded = pvae.load(path)
+    assert loaded.architecture == "mlp" and loaded.config.architecture == "mlp"
+    _same_outputs(vae, loaded, x)
+
+
+def test_untrusted_architecture_arguments_are_refused():
+    with pytest.raises(ValueError, match="architecture must be str, got 3"):
+        check_config_kwargs(VAE, {"architecture": 3})
+    with pytest.raises(ValueError, match=r"architecture must be one of \('mlp', 'conv'\), got 'unet'"):
+        build_family(VAE, {"architecture": "unet"})
+    with pytest.raises(ValueError, match=r"x_dim must be 784 .* for architecture='conv', got 30"):
+        build_family(VAE, {"architecture": "conv", "x_dim": 30})
+
+
+def test_the_meta_device_size_probe_builds_the_conv_vae():
+    """build_family sizes a family on the meta device before allocating it: the conv networks build there
+    with the same parameter shapes as the real ones."""
+    probes = []
+    vae = build_family(
+        VAE, {"architecture": "conv", "z_dim": 5, "hidden_dim": 24}, inspect_probe=probes.append
+    )
+    (probe,) = probes
+    assert {parameter.device.type for parameter in probe.parameters()} == {"meta"}
+    assert vae.device.type == "cpu" and vae.architecture == "conv"
+    shapes = {key: value.shape for key, value in vae.state_dict().items()}
+    assert {key: value.shape for key, value in probe.state_dict().items()} == shapes

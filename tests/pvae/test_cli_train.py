@@ -41,11 +41,12 @@ def test_train_vae_writes_checkpoint_history_and_pictures(trained_vae):
     saved = load_checkpoint(trained_vae / "checkpoint.pt")
     assert saved["epoch"] == 1 and saved["train_config"]["dataset"] == "mnist5k"
     assert saved["train_config"]["num_train"] == 240 and saved["train_config"]["binarize"] == "dynamic"
+    assert saved["family"]["kwargs"]["architecture"] == "mlp"  # the default
 
 
-def _test_images(binarize):
-    """The run's 60 test digits as the CLI evaluates them (the same subset, binarized once if asked)."""
-    x, labels = image_split("mnist5k", "test", None, 60, 0)
+def _test_images(binarize, num_test: int = 60):
+    """The run's test digits as the CLI evaluates them (the same subset, binarized once if asked)."""
+    x, labels = image_split("mnist5k", "test", None, num_test, 0)
     return image_test_loader(x, labels, binarize, torch.device("cpu"))
 
 
@@ -84,6 +85,26 @@ def test_sample_draws_the_familys_samples_into_a_grid(trained_vae, tmp_path):
     assert images.std() > 0.01  # decoded digits, not a blank grid
 
 
+@pytest.mark.usefixtures("one_thread")  # small conv batches run faster on one thread
+def test_train_evaluate_and_sample_a_conv_vae(tmp_path, capsys):
+    small = ["--num-train", "60", "--num-test", "20", "--batch-size", "30", "--hidden-dim", "32"]
+    argv = ["train", "vae", "--architecture", "conv", "--epochs", "1", "--z-dim", "4", "--out", str(tmp_path)]
+    summary = _json(capsys, [*argv, "--json", *small])
+    assert math.isfinite(summary["test_elbo"]) and summary["epochs"] == 1
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["family"]["kwargs"]["architecture"] == "conv"
+    assert saved["state_dict"]["encoder.0.weight"].shape == (32, 1, 4, 4)  # Conv2d(1 → 32, 4 × 4)
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    result = _json(capsys, ["evaluate", checkpoint, "--num-samples", "10", "--json"])
+    family = pvae.load(checkpoint)
+    assert family.architecture == "conv"
+    seed_everything(0)
+    expected = evaluate_log_likelihood(family, _test_images("dynamic", 20), num_samples=10, progress=False)
+    assert result["num_images"] == 20
+    assert result["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-9)
+    assert cli.main(["sample", checkpoint, "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+
+
 def test_resume_continues_to_the_requested_epochs(tmp_path, capsys):
     argv = ["train", "vae", "--out", str(tmp_path), "--json", "--objective", "iwae", "--num-particles", "3"]
     first = _json(capsys, [*argv, "--epochs", "1", *TINY])
@@ -113,6 +134,8 @@ def test_bad_input_gives_exit_code_2_with_a_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["train", "ae", "--objective", "iwae", "--out", str(tmp_path), *TINY]) == 2
     assert "pvae train ae: argument --objective: invalid choice: 'iwae'" in capsys.readouterr().err
+    assert cli.main(["train", "vae", "--architecture", "unet", "--out", str(tmp_path), *TINY]) == 2
+    assert "argument --architecture: invalid choice: 'unet' (choose from" in capsys.readouterr().err
     assert cli.main(["train", "vae", "--z-dim", "0"]) == 2
     assert "argument --z-dim: must be an integer in [1, " in capsys.readouterr().err
 
