@@ -11,6 +11,7 @@ the model against it, and reduces every site's log-density (:func:`reduce_per_da
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "data_frame",
     "guess_max_plate_nesting",
     "importance_weights",
+    "log_mean_weight",
     "point_mass_sites",
     "reduce_per_datum",
 ]
@@ -74,6 +76,12 @@ class LogWeights:
     def joint(self) -> torch.Tensor:
         """(k,) log weight of the whole batch, log p(x_{1:N}, z) − log q(z | x_{1:N})."""
         return self.local.sum(-1) + self.global_
+
+
+def log_mean_weight(log_w: torch.Tensor) -> torch.Tensor:
+    """log (1/k) Σ_i w_i over the first (particle) axis of k log weights: the importance-sampled estimate
+    of log p(x), which is the IWAE-k bound in expectation; shape ``log_w.shape[1:]``."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
 def _cuda_devices(args) -> list:

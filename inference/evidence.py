@@ -3,12 +3,16 @@ model/guide pair."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pvae.checks import check_choice, check_int
-from pvae.inference._weights import PROPOSALS, checked_plate_nesting, importance_weights, point_mass_sites
+from pvae.inference._weights import (
+    PROPOSALS,
+    checked_plate_nesting,
+    importance_weights,
+    log_mean_weight,
+    point_mass_sites,
+)
 
 __all__ = ["estimator_spread", "log_evidence", "log_weights"]
 
@@ -111,7 +115,7 @@ def log_evidence(
         particles_per_batch=particles_per_batch,
         **kwargs,
     )
-    estimate = torch.logsumexp(log_w, dim=0) - math.log(num_samples)
+    estimate = log_mean_weight(log_w)
     if not return_ess:
         return estimate
     ess = torch.exp(2 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2 * log_w, dim=0))

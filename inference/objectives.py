@@ -28,14 +28,12 @@ bound is taken over the joint weight of the batch instead, as ``RenyiELBO`` does
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
 
 from pvae.checks import check_int
-from pvae.inference._weights import guess_max_plate_nesting, importance_weights
+from pvae.inference._weights import guess_max_plate_nesting, importance_weights, log_mean_weight
 
 __all__ = ["IWAE_ELBO", "OBJECTIVES", "make_elbo"]
 
@@ -132,7 +130,7 @@ class IWAE_ELBO(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """−IWAE-k bound summed over the ``"data"`` plate (times its subsampling scale); differentiable."""
         log_w, scale, _ = self.log_weights(model, guide, *args, **kwargs)
-        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)  # (N,) or (1,)
+        bound = log_mean_weight(log_w)  # (N,) or (1,)
         return -(scale * bound).sum()
 
     def loss(self, model, guide, *args, **kwargs) -> float:

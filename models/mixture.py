@@ -170,8 +170,14 @@ class GaussianMixture(Family):
         """Draw (x, component) from the model: (num_points, D) and (num_points,) integer labels."""
         num_points = check_int("num_points", num_points)
         labels = torch.multinomial(self.weights, num_points, replacement=True, generator=generator)
-        noise = torch.randn(num_points, self.data_dim, generator=generator, dtype=self.locs.dtype)
+        noise = torch.randn(
+            num_points, self.data_dim, generator=generator, dtype=self.locs.dtype, device=self.locs.device
+        )
         return self.locs[labels] + self.scales[labels] * noise, labels
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of x from the model, (n, D), on the device of its buffers."""
+        return self.sample_data(n, generator)[0]
 
 
 def _net_dtype(module: nn.Module) -> torch.dtype:

@@ -181,6 +181,14 @@ class ExponentialGaussian(Family):
             z = pyro.sample("z", dist.Exponential(rate))  # (N,) or (particles, N)
             pyro.sample("x", dist.Normal(z, scale), obs=x)
 
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of x from the prior predictive, (n,), in the dtype and on the device of the family's
+        parameters: z ~ Exponential(λ), x = z + σ ε."""
+        like = self.amortized_linear.weight
+        z = like.new_empty(check_int("n", n)).exponential_(self.rate, generator=generator)
+        return z + self.scale * torch.randn(n, generator=generator, dtype=like.dtype, device=like.device)
+
     def posterior(self, x: torch.Tensor) -> TruncatedNormal:
         """Exact p(z | x) = TruncatedNormal(x − λσ², σ, low=0), batch shape (N,).
 

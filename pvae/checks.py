@@ -16,7 +16,6 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_int",
-    "check_num_data",
     "check_positive",
     "check_probability",
 ]
@@ -102,23 +101,3 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
         bad = (~torch.isfinite(value)).sum().item()
         raise ValueError(f"{name} must be finite; it has {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}")
     return value
-
-
-def check_num_data(num_data, x: torch.Tensor | None = None) -> int:
-    """N, the size of a model's ``"data"`` plate: ``x.shape[0]``, or ``num_data`` when ``x`` is ``None``.
-
-    The contract ``model(x=None, num_data=N)``: with data, ``num_data`` may be left out (if given it must
-    agree); without, it says how many data points to draw from the prior predictive.
-    """
-    if x is None:
-        if num_data is None:
-            raise ValueError(
-                "pass the data x, or num_data=N (and x=None) to draw N data points from the prior predictive"
-            )
-        return check_int("num_data", num_data)
-    if num_data is not None and check_int("num_data", num_data) != x.shape[0]:
-        raise ValueError(
-            f"num_data={num_data!r} but x holds {x.shape[0]} data points (shape {tuple(x.shape)}): leave "
-            "num_data out when passing data"
-        )
-    return x.shape[0]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pvae.checks import check_finite, check_int, check_positive
 
 __all__ = [
+    "bits_per_dim",
     "check_finite",
     "check_positive",
     "default_device",
@@ -122,6 +123,12 @@ def write_atomically(path: str | os.PathLike, write: Callable, *, binary: bool =
             os.unlink(handle.name)
         raise
     return path
+
+
+def bits_per_dim(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:
+    """−log p/(D ln 2): a log-likelihood (or a lower bound on it) in nats per datum as bits per dimension
+    (an upper bound on the code length when the input is a bound)."""
+    return -log_likelihood / (dims * math.log(2.0))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

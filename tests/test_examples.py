@@ -26,6 +26,7 @@ EXAMPLES = [
     "vae.py --num-epochs 1 --num-train 256 --num-test 64 --num-samples 10 --z-dim 2 --analytic-kl",
     "diffusion_2d.py --num-steps 5 --timesteps 10 --num-data 512 --num-samples 100",
     "diffusion_2d.py --num-steps 5 --timesteps 10 --num-data 512 --num-samples 100 --time-sampling per_datum",
+    "own_family.py --epochs 2 --flips 9",
     "diffusion_mnist.py --num-steps 2 --timesteps 10 --num-train 32 --batch-size 16 --num-test 2 "
     "--num-samples 4 --channels 8 16",
 ]

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pvae.checks import check_int
+from pvae.checks import check_choice, check_int
 from pvae.models.diffusion.chain import DECODERS
 from pvae.models.diffusion.schedules import REVERSE_VARIANCES, SCHEDULES, check_timesteps
 
@@ -62,10 +62,8 @@ def checked_config(
     if not data_shape or min(data_shape) < 1:
         raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape!r}")
     check_timesteps(timesteps)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if reverse_variance not in REVERSE_VARIANCES:
-        raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES}, got {reverse_variance!r}")
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("reverse_variance", reverse_variance, REVERSE_VARIANCES)
     is_image = len(data_shape) == 3
     if decoder is None:
         decoder = "discretized" if is_image else "gaussian"
@@ -77,8 +75,7 @@ def checked_config(
         isinstance(ema_decay, int | float) and 0.0 <= float(ema_decay) < 1.0
     ):
         raise ValueError(f"ema_decay must be a number in [0, 1) (0 turns EMA off), got {ema_decay!r}")
-    if time_sampling not in TIME_SAMPLING:
-        raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
+    check_choice("time_sampling", time_sampling, TIME_SAMPLING)
     # structural sizes: each layer is built (on the meta device too) before the family can be sized, so a
     # count from an untrusted file is bounded here, not only by the total element limit
     check_int("num_blocks", num_blocks, 1, MAX_BLOCKS)

@@ -57,7 +57,7 @@ from pvae.models.diffusion.chain import (
 from pvae.models.diffusion.config import OBJECTIVES, DDPMConfig, checked_config
 from pvae.models.diffusion.sampling import sample_chain
 from pvae.models.diffusion.schedules import DiffusionSchedule
-from pvae.utils import check_finite
+from pvae.utils import bits_per_dim, check_finite
 
 __all__ = ["DDPM", "WarmupEMA"]
 
@@ -141,8 +141,6 @@ class DDPM(Family):
         )
         self.data_shape = self.config.data_shape
         self.event_dims = len(self.data_shape)
-        self.timesteps = timesteps
-        self.time_sampling = time_sampling
         self.decoder = self.config.decoder
         self.ema_decay = self.config.ema_decay
         if denoiser is None:
@@ -161,6 +159,16 @@ class DDPM(Family):
         if self.ema_decay > 0:
             self.ema = AveragedModel(denoiser, multi_avg_fn=WarmupEMA(self.ema_decay))
             self.ema.requires_grad_(False)  # an average, not a parameter: invisible to optimizers
+
+    @property
+    def timesteps(self) -> int:
+        """T, the number of diffusion steps (the config's)."""
+        return self.config.timesteps
+
+    @property
+    def time_sampling(self) -> str:
+        """How the subsampled pair draws timesteps (the config's)."""
+        return self.config.time_sampling
 
     # ---- schedule entries and EMA state under their earlier names (scripts read them) -----------------
     @property
@@ -425,7 +433,7 @@ class DDPM(Family):
         bits per dim of the 8-bit data (as DDPM reports); with the Gaussian decoder it is −log density in
         model space, per dim, in bits. ``elbo_kwargs`` go to :meth:`elbo`.
         """
-        return -self.elbo(x0, **elbo_kwargs) / (math.prod(self.data_shape) * math.log(2))
+        return bits_per_dim(self.elbo(x0, **elbo_kwargs), math.prod(self.data_shape))
 
     # ---- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -62,7 +62,8 @@ def ancestral_sample(
     """DDPM Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z for t = T … 2, then x_0 = μ_θ(x_1, 1) (the decoder's
     mean). With ``clip_denoised`` the mean is μ̃_t(x_t, clip(x̂_0, −1, 1)) (:func:`reverse_mean`).
 
-    :returns: (x_0 of shape (num_samples, *event_shape), the recorded states stacked on a new first axis).
+    :returns: (x_0 of shape (num_samples, *event_shape), the states of the steps in ``record`` (0: x_T)
+        stacked on a new first axis; empty along it when ``record`` is empty).
     """
     event_dims = len(event_shape)
     x = _start(schedule, num_samples, event_shape, generator)
@@ -77,7 +78,12 @@ def ancestral_sample(
             x = x + schedule.coef("sigma", t, x, event_dims) * noise
         if count in record:
             states.append(x)
-    return x, torch.stack(states, 0)
+    return x, _stacked(states, x)
+
+
+def _stacked(states: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The recorded states on a new first axis: (len(states), *x.shape), (0, *x.shape) when none were."""
+    return torch.stack(states, 0) if states else x.new_empty((0, *x.shape))
 
 
 def ddim_sample(
@@ -98,7 +104,8 @@ def ddim_sample(
     σ = η √((1 − ᾱ_{t'})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}); η = 0 is deterministic given x_T, and η = 1 on all
     T steps is ancestral sampling with σ_t² = β̃_t. ``clip_denoised`` clips x̂_0 to [−1, 1] (ε̂ follows).
 
-    :returns: (x_0 of shape (num_samples, *event_shape), the recorded states stacked on a new first axis).
+    :returns: (x_0 of shape (num_samples, *event_shape), the states of the steps in ``record`` (0: x_T)
+        stacked on a new first axis; empty along it when ``record`` is empty).
     """
     event_dims = len(event_shape)
     x = _start(schedule, num_samples, event_shape, generator)
@@ -130,7 +137,7 @@ def ddim_sample(
             x = x + variance.sqrt() * noise
         if count in record:
             states.append(x)
-    return x, torch.stack(states, 0)
+    return x, _stacked(states, x)
 
 
 def sample_chain(

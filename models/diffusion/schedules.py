@@ -28,10 +28,18 @@ import math
 import torch
 from torch import nn
 
-from pvae.checks import check_int
+from pvae.checks import check_choice, check_int
 from pvae.models.diffusion.steps import gaussian_kl
 
-__all__ = ["MAX_TIMESTEPS", "SCHEDULES", "DiffusionSchedule", "coefficient_table", "make_betas"]
+__all__ = [
+    "MAX_TIMESTEPS",
+    "REVERSE_VARIANCES",
+    "SCHEDULES",
+    "DiffusionSchedule",
+    "check_timesteps",
+    "coefficient_table",
+    "make_betas",
+]
 
 SCHEDULES = ("linear", "cosine")
 REVERSE_VARIANCES = ("beta", "beta_tilde")
@@ -56,16 +64,15 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     Both are clipped at β ≤ 0.999 (the scaled linear endpoints exceed 1 for T < 50).
     """
     check_timesteps(timesteps)
+    check_choice("schedule", schedule, SCHEDULES)
     if schedule == "linear":
         scale = 1000.0 / timesteps
         betas = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64, device="cpu")
-    elif schedule == "cosine":
+    else:  # cosine
         steps = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
         f = torch.cos((steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
         alphas_bar = f / f[0]
         betas = 1 - alphas_bar[1:] / alphas_bar[:-1]
-    else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     return betas.clamp(max=MAX_BETA)
 
 
@@ -75,8 +82,7 @@ def coefficient_table(betas: torch.Tensor, reverse_variance: str = "beta") -> di
     :param betas: β_1 … β_T, shape (T,), in (0, 1); float64 recommended (the table is computed in its dtype).
     :param reverse_variance: ``"beta"`` or ``"beta_tilde"``: σ_t² for t ≥ 2.
     """
-    if reverse_variance not in REVERSE_VARIANCES:
-        raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES}, got {reverse_variance!r}")
+    check_choice("reverse_variance", reverse_variance, REVERSE_VARIANCES)
     beta = torch.cat([betas.new_zeros(1), betas])  # (T+1,)
     alpha = 1 - beta
     log_alpha_bar = torch.cumsum(torch.log1p(-beta), 0)

@@ -60,7 +60,9 @@ def _one_line(error: BaseException) -> str:
         text = f"{error.strerror}{where}"
     else:
         text = str(error) or type(error).__name__
-    text = " ".join(text.split("\n", 1)[0].split())
+    # Pyro's errors name the site on the first line and give the reason on the next: keep both
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = " ".join(" ".join(lines[:2]).split())
     return text if len(text) <= 500 else text[:497] + "…"
 
 

@@ -17,46 +17,65 @@ from pvae.cli.common import (
     positive_int,
     saved_setting,
 )
+from pvae.models.diffusion import (
+    MAX_TIMESTEPS,
+    OBJECTIVES,
+    REVERSE_VARIANCES,
+    SCHEDULES,
+    TIME_SAMPLING,
+    DDPMConfig,
+)
 from pvae.report.diffusion import DIFFUSION_ONLY_DATASETS, diffusion_data
+from pvae.utils import bits_per_dim
 
 
 def _add_arguments(parser) -> None:
     from pvae.data import IMAGE_DATASETS
 
     add_image_data_arguments(parser, IMAGE_DATASETS + DIFFUSION_ONLY_DATASETS)
+    defaults = DDPMConfig()
     parser.add_argument(
         "--hidden-dim",
         type=positive_int,
-        default=128,
-        help="width of the MLP denoiser for 2-D data (default 128)",
+        default=defaults.hidden_dim,
+        help=f"width of the MLP denoiser for 2-D data (default {defaults.hidden_dim})",
     )
-    group = parser
-    group.add_argument(
-        "--timesteps", type=bounded_int(1, 100_000), default=1000, help="T, diffusion steps (default 1000)"
+    parser.add_argument(
+        "--timesteps",
+        type=bounded_int(1, MAX_TIMESTEPS),
+        default=defaults.timesteps,
+        help=f"T, diffusion steps (default {defaults.timesteps})",
     )
-    group.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="default linear")
-    group.add_argument(
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help=f"default {defaults.schedule}"
+    )
+    parser.add_argument(
         "--reverse-variance",
-        choices=("beta", "beta_tilde"),
-        default="beta",
-        help="σ_t² of the reverse steps t ≥ 2 (default beta)",
+        choices=REVERSE_VARIANCES,
+        default=defaults.reverse_variance,
+        help=f"σ_t² of the reverse steps t ≥ 2 (default {defaults.reverse_variance})",
     )
-    group.add_argument(
+    parser.add_argument(
         "--ema-decay",
         type=bounded_float(0.0, 1.0, low_open=False, high_open=True),
         default=None,
-        help="EMA of the weights for sampling/evaluation, 0 = off (default 0.999 for images, off for 2-D)",
+        help="EMA of the weights for sampling/evaluation, 0 = off (default: on for images, off for 2-D)",
     )
-    group.add_argument(
-        "--channels", type=positive_int, nargs="+", default=[32, 64], help="U-Net widths per level (32 64)"
+    parser.add_argument(
+        "--channels",
+        type=positive_int,
+        nargs="+",
+        default=list(defaults.channels),
+        help=f"U-Net widths per level (default {' '.join(map(str, defaults.channels))})",
     )
-    group.add_argument(
+    parser.add_argument(
         "--time-sampling",
-        choices=("plate", "per_datum"),
-        default="plate",
-        help="one timestep per batch (the time plate, default) or one per datum",
+        choices=TIME_SAMPLING,
+        default=defaults.time_sampling,
+        help="plate: one timestep per batch (the time plate); per_datum: one per datum "
+        f"(default {defaults.time_sampling})",
     )
-    group.add_argument(
+    parser.add_argument(
         "--picture-samples",
         type=positive_int,
         default=None,
@@ -66,7 +85,7 @@ def _add_arguments(parser) -> None:
 
 def _add_sample_arguments(group) -> None:
     group.add_argument(
-        "--steps", type=bounded_int(1, 100_000), default=None, help="DDIM with this many steps"
+        "--steps", type=bounded_int(1, MAX_TIMESTEPS), default=None, help="DDIM with this many steps"
     )
     group.add_argument(
         "--eta",
@@ -161,8 +180,7 @@ def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
         [family.elbo(batch.to(family.device), progress=not args.json).cpu() for batch in test_x.split(64)]
     ).double()
     seconds = time.perf_counter() - started
-    dims = math.prod(family.data_shape)
-    bits = -elbo / (dims * math.log(2))
+    bits = bits_per_dim(elbo, math.prod(family.data_shape))
     n = elbo.numel()
     images = family.config.decoder == "discretized"
     payload = {
@@ -212,8 +230,8 @@ def _sample(args, family, checkpoint: dict) -> str:
         if args.chain:
             plots_diffusion.plot_chain_strip(chain.states.cpu(), chain.times, args.chain)
     else:
-        data = chain.samples.cpu()
-        if checkpoint["train_config"].get("dataset") == "two-moons":  # the run's test points, for reference
+        data = None  # the run's test points, for reference, when it trained on two moons
+        if checkpoint["train_config"].get("dataset") == "two-moons":
             num_test = saved_setting(checkpoint, "num_test", optional_count)
             seed = saved_setting(checkpoint, "seed", optional_seed) or 0
             data = diffusion_data("two-moons", "test", None, num_test, seed)
@@ -230,7 +248,7 @@ register_commands(
         add_arguments=_add_arguments,
         data=_data,
         config=_config,
-        objectives=("elbo", "meanfield", "simple"),
+        objectives=OBJECTIVES,
         pictures=_pictures,
         summary=_summary,
         describe=_describe,

@@ -63,8 +63,11 @@ def _demo_toy_section(ctx: ReportContext) -> str:
         results[name].plot(os.path.join(ctx.out, f"toy_{name}.png"))
     lines += [
         "",
-        "The exact guide gives ELBO = log p(x) with zero variance; the truncated-normal guides close the",
-        "gap; the log-normal guide has the right support but the wrong shape, and its KL stays.",
+        "The exact guide gives ELBO = log p(x) with zero variance (measured gap "
+        f"{results['exact'].gap:.1e}). The fitted truncated-normal guides are of the posterior's own",
+        f"family (KL {results['meanfield'].kl:.1e} per-datum, {results['amortized'].kl:.1e} amortized);",
+        "the log-normal guide has the right support but the wrong shape, so its KL cannot reach 0",
+        f"({results['lognormal'].kl:.2g}).",
         "",
         "Amortized guide (one network for every x) per datum:",
         "",

@@ -1,6 +1,9 @@
 """DDPM as a Pyro model/guide pair: schedules, the step formulas, ELBO estimators against the closed form
 (with power checks), L_simple, the discretized decoder, chains inside other programs, the prior
-predictive, sampling, EMA, checkpoints and training on two moons."""
+predictive, sampling, EMA, checkpoints and training on two moons.
+
+One file over 500 lines: these tests share the small fixtures and closed forms above them, and splitting
+them by concern would copy those into each part."""
 
 import math
 
@@ -457,7 +460,8 @@ class LatentChainToy(nn.Module):
 
 def test_chain_runs_inside_another_programs_plate():
     """A two-level model whose latent prior is a diffusion chain: its sites sit in the caller's "data"
-    plate, Trace_ELBO trains it, and log_evidence through the chain matches the exact marginal."""
+    plate, log_evidence through the chain (prior or guide proposals) matches the exact marginal, and
+    Trace_ELBO trains it while staying below that marginal."""
     torch.manual_seed(7)
     toy = LatentChainToy().double()
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -474,14 +478,20 @@ def test_chain_runs_inside_another_programs_plate():
     for name in latent:
         assert [frame.name for frame in model_trace.nodes[name]["cond_indep_stack"]] == ["data"]
         assert model_trace.nodes[name]["value"].shape == (4, 2)
-    # importance sampling through the whole hierarchy: finite, and (z from the chain itself) the evidence
-    assert torch.isfinite(log_evidence(toy.model, toy.guide, x, num_samples=100)).all()
+    # importance sampling through the whole hierarchy, from the prior chain and from the guide
     naive = log_evidence(toy.model, toy.guide, x, num_samples=20000, proposal="prior")
-    torch.testing.assert_close(naive, toy.log_marginal(x), atol=0.1, rtol=0)  # its spread: about 0.02
-    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(toy.model, toy.guide, x)))
+    torch.testing.assert_close(naive, toy.log_marginal(x), atol=0.1, rtol=0)
+    guided = log_evidence(toy.model, toy.guide, x, num_samples=5000)
+    torch.testing.assert_close(guided, toy.log_marginal(x), atol=0.3, rtol=0)
+    # Trace_ELBO trains the chain, encoder and decoder together, and stays a bound on the new evidence
+    elbo = Trace_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=1)
+    before = -elbo.loss(toy.model, toy.guide, x)
     step = SVIStep(toy.model, toy.guide, Trace_ELBO(), lr=1e-2, module=toy)
-    losses = [step(x) for _ in range(5)]
-    assert all(math.isfinite(float(loss)) for loss in losses)
+    for _ in range(100):
+        step(x)
+    after = -elbo.loss(toy.model, toy.guide, x)
+    assert after > before + 5, (before, after)
+    assert after < toy.log_marginal(x).sum().item() + 0.5
 
 
 def test_prior_predictive_draws_x0_at_its_observed_site():

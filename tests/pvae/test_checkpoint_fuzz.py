@@ -10,6 +10,9 @@ unexpected), each within a time limit. While they run, starting a process, conne
 writing, creating, renaming or removing anything outside the example's own folder are recorded (and
 refused), and the folders around it are compared before and after.
 
+One file over 500 lines: the mutation generators, the sandbox that records what a command touches, and
+the commands they drive are one harness; split, each part would need the others' internals.
+
 Besides the random mutations (hypothesis, derandomized): hand-picked edges that a validator may accept
 and the code after it must handle (huge integers where floats belong, tuples for lists, expanded or
 transposed tensors, …); refusals that must name their field (power checks); a checkpoint of every
