@@ -4,6 +4,21 @@ Nothing here imports a concrete family: exact quantities come in as callables.
 """
 
 from pvae.inference.compare import Comparison, SiteDensities, compare
+from pvae.inference.diagnostics import (
+    KHAT_GOOD,
+    KHAT_MIN_SAMPLES,
+    KHAT_UNRELIABLE,
+    ECDFBand,
+    InferenceGaps,
+    SBCResult,
+    ecdf_band,
+    inference_gaps,
+    khat_threshold,
+    pareto_khat,
+    psis_khat,
+    rank_chi_square,
+    sbc,
+)
 from pvae.inference.evaluate import LogLikelihood, evaluate_log_likelihood
 from pvae.inference.evidence import estimator_spread, log_evidence, log_weights
 from pvae.inference.objectives import IWAE_ELBO, make_elbo
@@ -13,18 +28,31 @@ from pvae.inference.train import History, train
 
 __all__ = [
     "IWAE_ELBO",
+    "KHAT_GOOD",
+    "KHAT_MIN_SAMPLES",
+    "KHAT_UNRELIABLE",
     "Comparison",
+    "ECDFBand",
     "History",
+    "InferenceGaps",
     "LogLikelihood",
+    "SBCResult",
     "SVIStep",
     "SiteDensities",
     "compare",
+    "ecdf_band",
     "estimator_spread",
     "evaluate_log_likelihood",
     "fit",
+    "inference_gaps",
+    "khat_threshold",
     "log_evidence",
     "log_weights",
     "make_elbo",
+    "pareto_khat",
+    "psis_khat",
+    "rank_chi_square",
+    "sbc",
     "scheduled_adam",
     "scheduled_lr",
     "train",

@@ -5,7 +5,9 @@
 - the ELBO, E_q[log p(x, z) − log q(z)], with its Monte-Carlo standard error;
 - log p(x): exact when a ``log_marginal`` callable is given, else the importance-weighted (IWAE-k) estimate;
 - the gap log p(x) − ELBO, which equals KL(q ‖ p(z | x)) when the posterior is exact;
-- KL(q ‖ p) estimated directly against an exact ``posterior`` callable, when given.
+- KL(q ‖ p) estimated directly against an exact ``posterior`` callable, when given;
+- the PSIS k̂ of each datum's importance weights (:func:`pvae.inference.psis_khat`): below 0.5 the guide
+  is a good importance-sampling proposal, 0.5–0.7 usable, above 0.7 unreliable.
 
 Nothing here knows a concrete family: the exact quantities come in as callables taking the model's args.
 The result, :class:`Comparison`, is plain data (numbers and tensors, the densities it plots included);
@@ -25,6 +27,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from pvae.checks import check_int
 from pvae.inference._weights import checked_plate_nesting, data_frame, importance_weights, reduce_per_datum
+from pvae.inference.diagnostics import KHAT_MIN_SAMPLES, psis_khat
 
 __all__ = ["Comparison", "SiteDensities", "compare"]
 
@@ -61,7 +64,9 @@ class Comparison:
     estimate is exact in expectation only for pairs without global latents. ``samples`` are the guide's
     draws at ``site``, (num_samples, *batch, *event) with ``event_shape`` the site's event shape;
     ``densities`` what :meth:`plot` draws (``None`` when the site is neither scalar nor discrete);
-    ``data`` the data, ``args[0]``, when it is a tensor.
+    ``data`` the data, ``args[0]``, when it is a tensor. ``per_datum["khat"]`` is the PSIS k̂ of each
+    datum's weights (−∞ for constant weights, the exact posterior's) and ``khat_max`` the largest; both are
+    ``None`` with fewer than :data:`pvae.inference.KHAT_MIN_SAMPLES` particles.
     """
 
     elbo: float
@@ -79,6 +84,7 @@ class Comparison:
     event_shape: tuple[int, ...] | None = None
     densities: SiteDensities | None = field(default=None, repr=False)
     data: torch.Tensor | None = field(default=None, repr=False)
+    khat_max: float | None = None
 
     def labels(self) -> list[str]:
         """One label per datum: ``"x=…"`` for scalar data, else the datum's index."""
@@ -91,10 +97,10 @@ class Comparison:
     def table(self, labels: list[str] | None = None, digits: int = 4) -> str:
         """A plain-text per-datum table (and totals)."""
         rows = self._rows(labels)
-        header = ["datum", "log p(x)", "ELBO", "gap", "KL(q||p)"]
+        header = ["datum", "log p(x)", "ELBO", "gap", "KL(q||p)", "khat"]
         lines = [header] + [[row["datum"], *(_fmt(row[k], digits) for k in header[1:])] for row in rows]
         total = ["total", _fmt(self.log_marginal, digits), _fmt(self.elbo, digits), _fmt(self.gap, digits)]
-        total.append(_fmt(self.kl, digits))
+        total += [_fmt(self.kl, digits), _fmt(None, digits)]  # k̂ has no total
         lines.append(total)
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
         text = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)) for line in lines]
@@ -103,23 +109,33 @@ class Comparison:
         text.append(
             f"(log p(x): {note}; ELBO ± {self.elbo_stderr:.2g} stderr over {self.num_samples} particles)"
         )
+        if self.khat_max is not None:
+            text.append(
+                f"(khat: PSIS k̂ of each datum's weights, largest {self.khat_max:.3g}; < 0.5 good, 0.5–0.7 "
+                "usable, > 0.7 unreliable)"
+            )
         return "\n".join(text)
 
     def markdown(self, labels: list[str] | None = None, digits: int = 4) -> str:
         """The per-datum table as Markdown."""
         rows = self._rows(labels)
-        out = ["| datum | log p(x) | ELBO | gap | KL(q‖p) |", "| --- | ---: | ---: | ---: | ---: |"]
+        out = [
+            "| datum | log p(x) | ELBO | gap | KL(q‖p) | k̂ |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        keys = ("log p(x)", "ELBO", "gap", "KL(q||p)", "khat")
         for row in rows:
-            cells = [row["datum"], *(_fmt(row[k], digits) for k in ("log p(x)", "ELBO", "gap", "KL(q||p)"))]
+            cells = [row["datum"], *(_fmt(row[k], digits) for k in keys)]
             out.append("| " + " | ".join(cells) + " |")
-        total = ["**total**", *(_fmt(v, digits) for v in (self.log_marginal, self.elbo, self.gap, self.kl))]
-        out.append("| " + " | ".join(total) + " |")
+        totals = (self.log_marginal, self.elbo, self.gap, self.kl, None)  # k̂ has no total
+        out.append("| " + " | ".join(["**total**", *(_fmt(v, digits) for v in totals)]) + " |")
         return "\n".join(out)
 
     def _rows(self, labels):
         n = self.per_datum["elbo"].shape[0]
         labels = labels or self.labels()
         kl = self.per_datum["kl"]
+        khat = self.per_datum.get("khat")
         return [
             {
                 "datum": labels[i],
@@ -127,6 +143,7 @@ class Comparison:
                 "ELBO": self.per_datum["elbo"][i].item(),
                 "gap": self.per_datum["gap"][i].item(),
                 "KL(q||p)": None if kl is None else kl[i].item(),
+                "khat": None if khat is None else khat[i].item(),
             }
             for i in range(n)
         ]
@@ -146,6 +163,7 @@ class Comparison:
                 "kl_method",
                 "num_samples",
                 "site",
+                "khat_max",
             )
         }
         out["per_datum"] = {k: None if v is None else v.tolist() for k, v in self.per_datum.items()}
@@ -199,7 +217,8 @@ def compare(
         size at the ``"data"`` plate's dim is not N raises ``ValueError`` rather than broadcasting.
     :param log_marginal: callable ``log_marginal(*args, **kwargs)`` returning the exact log p(x), (N,);
         any other shape raises ``ValueError``.
-    :param num_samples: guide particles, ≥ 2 (a standard error needs two).
+    :param num_samples: guide particles, ≥ 2 (a standard error needs two); k̂ needs at least
+        :data:`pvae.inference.KHAT_MIN_SAMPLES`.
     :param site: latent site that ``posterior`` describes; needed only when the guide has several.
     :param kwargs: passed to model, guide and the callables.
     :returns: :class:`Comparison`.
@@ -268,6 +287,7 @@ def compare(
             densities = site_densities(samples, guide_fn, exact)
 
     gap_per_datum = log_marginal_per_datum - elbo_per_datum
+    khat_per_datum = psis_khat(log_w) if num_samples >= KHAT_MIN_SAMPLES else None
     return Comparison(
         elbo=elbo_per_datum.sum().item(),
         elbo_stderr=elbo_stderr,
@@ -284,11 +304,13 @@ def compare(
             "log_marginal": log_marginal_per_datum,
             "gap": gap_per_datum,
             "kl": kl_per_datum,
+            "khat": khat_per_datum,
         },
         samples=samples,
         event_shape=event_shape,
         densities=densities,
         data=args[0] if args and isinstance(args[0], torch.Tensor) else None,
+        khat_max=None if khat_per_datum is None else khat_per_datum.max().item(),
     )
 
 

@@ -164,7 +164,7 @@ def test_table_dict_and_plot(tmp_path):
     table = result.table()
     assert "x=-1.5" in table and "total" in table
     payload = result.to_dict()
-    assert set(payload["per_datum"]) == {"elbo", "log_marginal", "gap", "kl"}
+    assert set(payload["per_datum"]) == {"elbo", "log_marginal", "gap", "kl", "khat"}
     assert payload["per_datum"]["kl"] == pytest.approx(analytic_kl(X).tolist())
     path = result.plot(str(tmp_path / "overlay.png"))
     assert path.endswith("overlay.png")
@@ -172,6 +172,40 @@ def test_table_dict_and_plot(tmp_path):
     assert picture.shape == (2 * 372, 3 * 504, 3)  # 4 panels, 3 per row, at 120 dpi
     assert picture.std() > 0.05  # curves and bars, not a blank page
     assert "| **total** |" in result.markdown()
+
+
+def test_khat_column_beside_gap_and_kl():
+    """The exact posterior as guide: constant weights, k̂ = −∞ for every datum; a guide far too narrow
+    (scale × 0.4, weights with tail index 1 − 0.4² ≈ 0.84): k̂ well above the 0.5 of a good proposal."""
+
+    def exact_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", posterior(x))
+
+    def narrow_guide(x):
+        loc, scale = _posterior_parameters(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.4 * scale))
+
+    exact = compare(conjugate_model, exact_guide, X, posterior=posterior, log_marginal=log_marginal)
+    assert exact.per_datum["khat"].shape == (4,)
+    assert (exact.per_datum["khat"] == -math.inf).all() and exact.khat_max == -math.inf
+    narrow = compare(conjugate_model, narrow_guide, X, num_samples=4000)
+    assert (narrow.per_datum["khat"] > 0.5).all() and narrow.khat_max > 0.7, narrow.per_datum["khat"]
+
+    lines = narrow.table().splitlines()
+    assert lines[0].split()[-1] == "khat"
+    first_row = lines[2].split()
+    assert float(first_row[-1]) == pytest.approx(narrow.per_datum["khat"][0].item(), abs=1e-4)
+    assert lines[-3].split()[-1] == "—"  # the total row: k̂ is not summed
+    assert "largest" in lines[-1]
+    markdown = exact.markdown().splitlines()
+    assert markdown[0].endswith("| KL(q‖p) | k̂ |") and markdown[2].endswith("| -inf |")
+    payload = exact.to_dict()
+    assert payload["per_datum"]["khat"] == [-math.inf] * 4 and payload["khat_max"] == -math.inf
+    few = compare(conjugate_model, narrow_guide, X, num_samples=10)  # too few draws for a tail fit
+    assert few.per_datum["khat"] is None and few.khat_max is None
+    assert few.table().splitlines()[2].split()[-1] == "—"
 
 
 def test_comparison_is_plain_data_with_the_densities_it_plots(tmp_path):
