@@ -302,20 +302,37 @@ class DDPM(Family):
         self._check_weighting(weighting)
         self._register_networks()
         with data_plate(x0, num_data, device=self.device):
-            if weighting == "elbo":
-                pyro.factor("prior_kl", -prior_kl(self.schedule, x0, self.event_dims))  # −L_T, constant in θ
-            with self._timesteps(x0, timestep) as draw:
-                scale = self._term_scale(draw, weighting, x0)
-                decoder = self.decoder
-                if weighting == "simple":
-                    # (−L_{t−1} + c_t)/(T w_t) per draw of t: T·that = −‖ε − ε_θ‖² (the plate scales by T)
-                    constant = math.prod(self.data_shape) * self.schedule.coef("kl_constant", draw.t, x0)
-                    with poutine.scale(scale=scale):
-                        pyro.factor("kl_constant", constant)
-                    decoder = "gaussian"  # L_simple replaces the decoder by its Gaussian density
-                reverse_pair(
-                    self.denoiser, self.schedule, x0, draw.t, self.event_dims, scale=scale, decoder=decoder
-                )
+            self.reverse_terms(x0, timestep=timestep, weighting=weighting)
+
+    def reverse_terms(
+        self, x0: torch.Tensor, *, timestep: int | None = None, weighting: str = "elbo", prefix: str = "x"
+    ) -> None:
+        """The model half of the time-subsampled pair as a sub-program on x0 (N, *data_shape), inside the
+        caller's plates: −L_T, one timestep's ``f"{prefix}_t"`` and ``f"{prefix}_prev"`` terms (scaled by
+        the time sampler) and, for ``"simple"``, its constant. Registers no parameters (the caller does).
+        A larger model whose latent's prior is this chain calls it on the latent (with ``prefix="z"``)."""
+        self._check_weighting(weighting)
+        if weighting == "elbo":
+            pyro.factor("prior_kl", -prior_kl(self.schedule, x0, self.event_dims))  # −L_T, constant in θ
+        with self._timesteps(x0, timestep) as draw:
+            scale = self._term_scale(draw, weighting, x0)
+            decoder = self.decoder
+            if weighting == "simple":
+                # (−L_{t−1} + c_t)/(T w_t) per draw of t: T·that = −‖ε − ε_θ‖² (the plate scales by T)
+                constant = math.prod(self.data_shape) * self.schedule.coef("kl_constant", draw.t, x0)
+                with poutine.scale(scale=scale):
+                    pyro.factor("kl_constant", constant)
+                decoder = "gaussian"  # L_simple replaces the decoder by its Gaussian density
+            reverse_pair(
+                self.denoiser,
+                self.schedule,
+                x0,
+                draw.t,
+                self.event_dims,
+                scale=scale,
+                decoder=decoder,
+                prefix=prefix,
+            )
 
     def guide_subsampled(
         self,
@@ -335,9 +352,17 @@ class DDPM(Family):
         x0 = self._check_data(x0)
         self._check_weighting(weighting)
         with data_plate(x0, num_data, device=self.device):  # no parameters here: pyro.module is the model's
-            with self._timesteps(x0, timestep) as draw:
-                scale = self._term_scale(draw, weighting, x0)
-                forward_pair(self.schedule, x0, draw.t, self.event_dims, scale=scale)
+            self.forward_terms(x0, timestep=timestep, weighting=weighting)
+
+    def forward_terms(
+        self, x0: torch.Tensor, *, timestep: int | None = None, weighting: str = "elbo", prefix: str = "x"
+    ) -> None:
+        """The guide half of :meth:`reverse_terms`, inside the caller's plates: the same timestep draw,
+        ``f"{prefix}_t"`` ~ q(x_t | x_0) (masked) and ``f"{prefix}_prev"`` ~ q(x_{t−1} | x_t, x_0)."""
+        self._check_weighting(weighting)
+        with self._timesteps(x0, timestep) as draw:
+            scale = self._term_scale(draw, weighting, x0)
+            forward_pair(self.schedule, x0, draw.t, self.event_dims, scale=scale, prefix=prefix)
 
     def svi_program(self, objective: str = "elbo"):
         """(model, guide, loss) to train with SVI for ``objective``:

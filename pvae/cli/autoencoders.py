@@ -76,7 +76,9 @@ def _binarize(args) -> str | None:
     return "dynamic" if getattr(args, "likelihood", None) == "bernoulli" else None
 
 
-def _data(args, device) -> RunData:
+def image_data(args, device) -> RunData:
+    """The digits of ``--dataset``/``--num-train``/``--num-test``: a training loader (binarized per batch
+    under a Bernoulli likelihood), the test loader (binarized once), what the checkpoint records."""
     from pvae.data import BatchLoader
     from pvae.report.autoencoders import image_split, image_test_loader
 
@@ -93,7 +95,13 @@ def _data(args, device) -> RunData:
         "num_test": int(test_x.shape[0]),
         "binarize": binarize,
     }
-    return RunData(train_loader, test_loader, metadata, test_data=(test_loader.data, test_labels))
+    return RunData(
+        train_loader,
+        test_loader,
+        metadata,
+        test_data=(test_loader.data, test_labels),
+        extra={"train_x": train_loader.data},
+    )
 
 
 def _config(kind: str):
@@ -189,7 +197,7 @@ def _commands(kind: str, help: str, objectives: tuple[str, ...]) -> FamilyComman
     return FamilyCommands(
         help=help,
         add_arguments=_add_arguments(kind),
-        data=_data,
+        data=image_data,
         config=_config(kind),
         objectives=objectives,
         train_options=_train_options,

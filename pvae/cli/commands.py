@@ -12,8 +12,8 @@ evaluated and sampled through the same spec.
 The flow of ``pvae train NAME`` (:mod:`pvae.cli.train`): check the flags and the output folder; seed;
 ``data(args, device)`` → :class:`RunData`; ``config(args, data)`` → constructor arguments, built by
 :func:`pvae.family.build_family` (checked against the family's config, sized before allocation);
-:func:`pvae.inference.train` with ``train_options(args)``; ``pictures(...)``; a JSON summary or
-``describe(...)``.
+``first_stage(...)`` when the family has one; :func:`pvae.inference.train` with ``train_options(args)``;
+``pictures(...)``; a JSON summary or ``describe(...)``.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class FamilyCommands:
     :param cannot_sample: why ``pvae sample`` refuses the family (when ``sample`` is None).
     :param add_sample_arguments: adds flags to ``pvae sample`` (grouped under the family's name).
     :param threads: ``args -> int | None``: intra-op threads for the run (None: torch's default).
+    :param first_stage: ``(family, args, data, out) -> None`` run before the main training run, e.g. a
+        warm start trained and checkpointed in a folder of its own (the latent diffusion model's
+        autoencoder); None for families trained in one run.
     """
 
     help: str
@@ -82,6 +85,7 @@ class FamilyCommands:
     cannot_sample: str = "it has no proper prior to sample from"
     add_sample_arguments: Callable[[Any], None] | None = None
     threads: Callable[[argparse.Namespace], int | None] | None = None
+    first_stage: Callable[..., None] | None = None
 
 
 _COMMANDS: dict[str, FamilyCommands] = {}
@@ -102,6 +106,6 @@ def register_commands(name: str, commands: FamilyCommands) -> FamilyCommands:
 
 def registered_commands() -> dict[str, FamilyCommands]:
     """Registered name → :class:`FamilyCommands`, the built-in families' included."""
-    from pvae.cli import autoencoders, diffusion  # noqa: F401 — the built-in specs register on import
+    from pvae.cli import autoencoders, diffusion, latent_diffusion  # noqa: F401 — built-in specs register
 
     return dict(_COMMANDS)

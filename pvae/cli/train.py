@@ -82,6 +82,8 @@ def _train(args, spec) -> int:
         family = build_family(family_class(args.family), spec.config(args, data)).to(device)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if spec.first_stage is not None:
+        spec.first_stage(family, args, data, out)
     options = spec.train_options(args) if spec.train_options is not None else {}
     history, checkpoint = train_and_record(
         family, args, data.train_loader, data.test_loader, out, data.metadata, **options

@@ -1,0 +1,244 @@
+"""The latent diffusion model's command-line face: ``pvae train ldm`` (two recipes), evaluation, samples.
+
+``pvae train ldm --recipe two-stage`` trains the autoencoder (a VAE with a N(0, I) prior) for
+``--autoencoder-epochs`` into ``OUT/autoencoder/``, scales the latents to unit spread, then fits the
+diffusion prior on the frozen encoder's latents for ``--epochs`` into ``OUT/``; ``--recipe joint``
+continues from the same first stage on the whole ELBO, everything trained. Both stages are checkpointed;
+``--resume`` continues whichever is unfinished.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from pvae.cli.autoencoders import IMAGE_SIDE, image_data
+from pvae.cli.commands import FamilyCommands, RunData, register_commands
+from pvae.cli.common import (
+    UsageError,
+    add_image_data_arguments,
+    bounded_int,
+    checked_data_settings,
+    positive_int,
+    saved_setting,
+    train_and_record,
+)
+from pvae.models.diffusion import MAX_TIMESTEPS, SCHEDULES, TIME_SAMPLING
+from pvae.models.latent_diffusion import LatentDiffusionConfig
+from pvae.models.vae import ARCHITECTURES
+
+RECIPES = {"two-stage": "prior", "joint": "joint"}  # recipe → the stage its second run trains
+AUTOENCODER_OBJECTIVES = ("elbo", "meanfield")
+
+
+def _add_arguments(parser) -> None:
+    from pvae.data import IMAGE_DATASETS
+
+    defaults = LatentDiffusionConfig()
+    add_image_data_arguments(parser, IMAGE_DATASETS)
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="two-stage",
+        help="two-stage: autoencoder, then the prior on its frozen latents (default); joint: the whole ELBO "
+        "after the same first stage",
+    )
+    parser.add_argument(
+        "--autoencoder-epochs",
+        type=bounded_int(1, 100_000),
+        default=10,
+        help="epochs of the first stage, the autoencoder with a N(0, I) prior (default 10)",
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default=defaults.architecture,
+        help=f"the autoencoder's networks (default {defaults.architecture})",
+    )
+    parser.add_argument(
+        "--z-dim", type=positive_int, default=defaults.z_dim, help=f"latent dimension ({defaults.z_dim})"
+    )
+    parser.add_argument(
+        "--hidden-dim",
+        type=positive_int,
+        default=defaults.hidden_dim,
+        help=f"the autoencoder's hidden width ({defaults.hidden_dim})",
+    )
+    parser.add_argument(
+        "--timesteps",
+        type=bounded_int(1, MAX_TIMESTEPS),
+        default=defaults.timesteps,
+        help=f"T of the prior chain ({defaults.timesteps})",
+    )
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    parser.add_argument(
+        "--time-sampling",
+        choices=TIME_SAMPLING,
+        default=defaults.time_sampling,
+        help=f"timesteps of the training pair (default {defaults.time_sampling})",
+    )
+    parser.add_argument(
+        "--prior-hidden-dim",
+        type=positive_int,
+        default=defaults.prior_hidden_dim,
+        help=f"width of the prior's denoiser ({defaults.prior_hidden_dim})",
+    )
+
+
+def _data(args, device) -> RunData:
+    args.likelihood = "bernoulli"  # binarized digits, as the VAE's default
+    return image_data(args, device)
+
+
+def _config(args, data: RunData) -> dict:
+    return {
+        "x_dim": IMAGE_SIDE,
+        "z_dim": args.z_dim,
+        "hidden_dim": args.hidden_dim,
+        "architecture": args.architecture,
+        "timesteps": args.timesteps,
+        "schedule": args.schedule,
+        "time_sampling": args.time_sampling,
+        "prior_hidden_dim": args.prior_hidden_dim,
+        "stage": "autoencoder",
+    }
+
+
+def _first_stage(family, args, data: RunData, out: str) -> None:
+    """Train (or resume, or reuse) the autoencoder in ``out/autoencoder``, then switch to the recipe's stage
+    with the latents scaled to unit spread."""
+    import argparse
+
+    from pvae.checkpoint import load_checkpoint, restore_family
+
+    stage = RECIPES[args.recipe]
+    first = os.path.join(out, "autoencoder")
+    if args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        family.set_stage(stage)  # the second stage's checkpoint restores every weight and the scale
+        return
+    saved = os.path.join(first, "checkpoint.pt")
+    finished = False
+    if args.resume and os.path.exists(saved):
+        checkpoint = load_checkpoint(saved)
+        finished = checkpoint["epoch"] >= args.autoencoder_epochs
+        if finished:
+            restore_family(family, checkpoint, device=family.device)
+    if not finished:
+        objective = args.objective if args.objective in AUTOENCODER_OBJECTIVES else "meanfield"
+        settings = argparse.Namespace(**vars(args))
+        settings.epochs, settings.objective, settings.lr_end = args.autoencoder_epochs, objective, None
+        os.makedirs(first, exist_ok=True)
+        family.set_stage("autoencoder")
+        train_and_record(family, settings, data.train_loader, data.test_loader, first, data.metadata)
+    family.set_stage(stage)
+    train_x = data.extra["train_x"]
+    family.fit_latent_scale(train_x[: min(len(train_x), 4000)].bernoulli())
+    family.train()
+
+
+def _summary(family, data: RunData, history, args) -> dict:
+    return {
+        "recipe": args.recipe,
+        "latent_scale": float(family.latent_scale),
+        "train_elbo": history.train_elbo[-1],
+        "test_elbo": history.test_elbo[-1] if history.test_elbo else None,
+    }
+
+
+def _describe(family, data: RunData, history, summary: dict, args) -> str:
+    label = "objective" if history.objective == "simple" else "ELBO"
+    return (
+        f"ldm ({args.recipe}) on {args.dataset}: autoencoder {args.autoencoder_epochs} epochs, then "
+        f"{history.epochs} epochs of stage '{family.stage}': train {label} {summary['train_elbo']:.2f}, "
+        f"test {label} {summary['test_elbo']:.2f} nats per image (latent scale {summary['latent_scale']:.3g})"
+    )
+
+
+def _pictures(family, data: RunData, history, out: str, args) -> dict[str, str]:
+    from pvae import plots
+
+    samples = family.sample(64)
+    return {"samples": plots.save_image_grid(samples.cpu(), os.path.join(out, "samples.png"))}
+
+
+def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
+    """The ELBO of the whole hierarchy (nats and bits/dim) and the Fréchet distance of samples."""
+    import torch
+
+    from pvae.data import IMAGE_DATASETS
+    from pvae.metrics import frechet_distance, label_histogram
+    from pvae.report.autoencoders import image_split, image_test_loader
+    from pvae.utils import bits_per_dim, seed_everything
+
+    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
+    saved_setting(checkpoint, "binarize", ("dynamic",))
+    test_x, test_labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
+    loader = image_test_loader(test_x, test_labels, "dynamic", family.device)
+    seed_everything(args.seed)
+    elbo = torch.cat([family.elbo(x).cpu() for x, _ in loader]).double()
+    n = elbo.numel()
+    stderr = float(elbo.std() / math.sqrt(n)) if n > 1 else None
+    bits = bits_per_dim(elbo, IMAGE_SIDE)
+    if args.quality_samples == 1:
+        raise UsageError("--quality-samples must be 0 (skip) or at least 2 (a covariance needs two samples)")
+    count = args.quality_samples if dataset == "mnist5k" else 0  # the classifier knows mnist5k digits
+    samples = family.sample(count).cpu() if count else None
+    distance = frechet_distance(samples, test_x) if count else None
+    histogram = label_histogram(samples) if count else None
+    payload = {
+        "elbo": float(elbo.mean()),
+        "elbo_stderr": stderr,
+        "bits_per_dim": float(bits.mean()),
+        "num_images": n,
+        "frechet_distance": distance,
+        "label_entropy": histogram.entropy if histogram is not None else None,
+        "label_counts": histogram.counts.tolist() if histogram is not None else None,
+    }
+    text = f"{dataset} test set: ELBO {payload['elbo']:.2f} ± {stderr or 0:.2f} nats per image " + (
+        f"({payload['bits_per_dim']:.4f} bits/dim, a bound over the whole latent hierarchy, {n} images)"
+    )
+    if distance is not None:
+        text += (
+            f"; {count} samples: Fréchet distance {distance:.2f} to the test digits (digit-classifier "
+            f"features), label entropy {histogram.entropy:.3f} nats (log 10 = {math.log(10):.3f})"
+        )
+    return payload, text
+
+
+def _sample(args, family, checkpoint: dict) -> str:
+    import torch
+
+    from pvae import plots
+
+    generator = torch.Generator(device=family.device).manual_seed(args.seed)
+    images = family.sample(args.num, generator=generator, steps=args.steps)  # the DDPM's --steps: DDIM
+    return plots.save_image_grid(images.cpu(), args.out, nrow=args.nrow)
+
+
+def _add_evaluate_arguments(group) -> None:
+    group.add_argument(
+        "--quality-samples",
+        type=bounded_int(0, 100_000),
+        default=1000,
+        help="latent diffusion: samples for the Fréchet distance and label entropy (default 1000; 0 skips; "
+        "mnist5k only)",
+    )
+
+
+register_commands(
+    "ldm",
+    FamilyCommands(
+        help="latent diffusion: a VAE whose prior is a diffusion chain over its latent",
+        add_arguments=_add_arguments,
+        data=_data,
+        config=_config,
+        objectives=("meanfield", "elbo", "simple"),
+        pictures=_pictures,
+        summary=_summary,
+        describe=_describe,
+        evaluate=_evaluate,
+        add_evaluate_arguments=_add_evaluate_arguments,
+        sample=_sample,
+        first_stage=_first_stage,
+    ),
+)
