@@ -35,22 +35,24 @@ def _limits(*arrays: np.ndarray) -> tuple[tuple[float, float], tuple[float, floa
 
 
 def plot_samples_2d(samples, data, path, title: str | None = None, max_points: int = 3000):
-    """Scatter of model samples (blue) over data points (grey), on the data's axes.
+    """Scatter of model samples (blue) over data points (grey), on the data's axes (the samples' without).
 
     :param samples: (N, 2) samples.
-    :param data: (M, 2) data points.
+    :param data: (M, 2) data points, or None.
     :param path: destination ``.png``.
     :param title: optional title.
     :param max_points: at most this many points of each are drawn.
     :returns: ``path``.
     """
     path = _check_path(path)
-    samples, data = _points("samples", samples)[:max_points], _points("data", data)[:max_points]
+    samples = _points("samples", samples)[:max_points]
+    data = _points("data", data)[:max_points] if data is not None else None
     figure = Figure(figsize=(4.8, 4.2))
     axes = figure.add_subplot()
-    axes.scatter(data[:, 0], data[:, 1], s=4, c="0.65", alpha=0.6, label="data", linewidths=0)
+    if data is not None:
+        axes.scatter(data[:, 0], data[:, 1], s=4, c="0.65", alpha=0.6, label="data", linewidths=0)
     axes.scatter(samples[:, 0], samples[:, 1], s=4, c="tab:blue", alpha=0.6, label="samples", linewidths=0)
-    xlim, ylim = _limits(data)
+    xlim, ylim = _limits(data if data is not None else samples)
     axes.set_xlim(*xlim)
     axes.set_ylim(*ylim)
     axes.set_aspect("equal")

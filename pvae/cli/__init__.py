@@ -5,7 +5,8 @@ the function doing the work: ``toy`` in :mod:`pvae.cli.toy`; ``train``, ``evalua
 :mod:`pvae.cli.train`, which learn the families from the registry of command-line specs
 (:mod:`pvae.cli.commands`: ``register_commands(name, FamilyCommands(...))`` next to each family, the
 built-in ones in :mod:`pvae.cli.autoencoders` and :mod:`pvae.cli.diffusion`); ``demo`` in
-:mod:`pvae.cli.demo`, which writes the report of :mod:`pvae.report`. Commands that print results accept
+:mod:`pvae.cli.demo`, which writes the report of :mod:`pvae.report`; ``diagnose`` (k̂, inference gaps,
+SBC of a checkpoint's guide) in :mod:`pvae.cli.diagnose`. Commands that print results accept
 ``--json`` (stdout then carries only JSON; progress bars go to stderr and are silent when stderr is not a
 terminal) and ``--device``.
 
@@ -23,12 +24,20 @@ import sys
 from pvae.cli.commands import FamilyCommands, RunData, register_commands, registered_commands
 from pvae.cli.common import UsageError
 from pvae.cli.demo import register_demo
+from pvae.cli.diagnose import register_diagnose
 from pvae.cli.toy import register_toy
 from pvae.cli.train import register_evaluate, register_sample, register_train
 
 __all__ = ["FamilyCommands", "RunData", "build_parser", "main", "register_commands", "registered_commands"]
 
-_REGISTRARS = [register_demo, register_toy, register_train, register_evaluate, register_sample]
+_REGISTRARS = [
+    register_demo,
+    register_toy,
+    register_train,
+    register_evaluate,
+    register_sample,
+    register_diagnose,
+]
 
 
 class _Parser(argparse.ArgumentParser):
