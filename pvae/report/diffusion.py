@@ -225,6 +225,7 @@ class DigitsDemo:
     eval_images: int = 16
     samples: int = 64
     ddim_steps: int = 100
+    num_train: int | None = None  # training digits (None: all of the training split)
 
 
 DIGITS_DEMO = DigitsDemo()
@@ -244,7 +245,7 @@ def digits_section(ctx: ReportContext, settings: DigitsDemo = DIGITS_DEMO) -> st
 
     device = resolve_device(ctx.device)
     seed_everything(ctx.seed)
-    train_x = diffusion_data("mnist5k", "train", None, None, ctx.seed).to(device)  # (4000, 1, 28, 28)
+    train_x = diffusion_data("mnist5k", "train", None, settings.num_train, ctx.seed).to(device)  # (≤ 4000, …)
     test_all = diffusion_data("mnist5k", "test", None, None, ctx.seed)  # (1000, 1, 28, 28)
     spread = torch.linspace(0, len(test_all) - 1, settings.eval_images).round().long()
     test_x = test_all[spread].to(device)  # evenly spread over the test split

@@ -40,7 +40,17 @@ def test_quick_demo_report_opens_with_figures_that_exist(tmp_path):
 
 @pytest.mark.slow
 def test_digits_section_trains_samples_and_reports_bits_per_dim(tmp_path):
-    settings = DigitsDemo(timesteps=100, epochs=1, ema_decay=0.0, eval_images=3, samples=4, ddim_steps=5)
+    settings = DigitsDemo(
+        timesteps=100,
+        epochs=1,
+        ema_decay=0.0,
+        eval_images=3,
+        samples=4,
+        ddim_steps=5,
+        num_train=640,
+        lr=1e-2,
+        lr_end=1e-3,
+    )
     text = digits_section(ReportContext(out=str(tmp_path), quick=False, device="cpu", seed=0), settings)
     bits = float(re.search(r"Test bits/dim: ([0-9.]+) ± ([0-9.]+)", text).group(1))
     # one epoch is far from a good model, but the bound is finite and above what any 8-bit model reaches
