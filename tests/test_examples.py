@@ -29,6 +29,8 @@ EXAMPLES = [
     "own_family.py --epochs 2 --flips 9",
     "diffusion_mnist.py --num-steps 2 --timesteps 10 --num-train 32 --batch-size 16 --num-test 2 "
     "--num-samples 4 --channels 8 16",
+    "latent_diffusion.py --z-dim 2 --hidden-dim 16 --timesteps 5 --prior-hidden-dim 8 --num-train 64 "
+    "--num-test 20 --batch-size 32 --autoencoder-epochs 1 --epochs 1 --num-samples 16",
 ]
 
 
