@@ -175,17 +175,22 @@ def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
     test_x, test_labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
     loader = image_test_loader(test_x, test_labels, "dynamic", family.device)
     seed_everything(args.seed)
-    elbo = torch.cat([family.elbo(x).cpu() for x, _ in loader]).double()
+    # a first-stage checkpoint holds a trained autoencoder and an untrained chain: score what was trained
+    first_stage = family.stage == "autoencoder"
+    scored = family.autoencoder if first_stage else family
+    elbo = torch.cat([scored.elbo(x).cpu() for x, _ in loader]).double()
     n = elbo.numel()
     stderr = float(elbo.std() / math.sqrt(n)) if n > 1 else None
     bits = bits_per_dim(elbo, IMAGE_SIDE)
     if args.quality_samples == 1:
         raise UsageError("--quality-samples must be 0 (skip) or at least 2 (a covariance needs two samples)")
     count = args.quality_samples if dataset == "mnist5k" else 0  # the classifier knows mnist5k digits
-    samples = family.sample(count).cpu() if count else None
+    samples = scored.sample(count).cpu() if count else None
     distance = frechet_distance(samples, test_x) if count else None
     histogram = label_histogram(samples) if count else None
     payload = {
+        "stage": family.stage,
+        "prior": "N(0, I) (first stage)" if first_stage else "diffusion chain",
         "elbo": float(elbo.mean()),
         "elbo_stderr": stderr,
         "bits_per_dim": float(bits.mean()),
@@ -194,8 +199,13 @@ def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
         "label_entropy": histogram.entropy if histogram is not None else None,
         "label_counts": histogram.counts.tolist() if histogram is not None else None,
     }
+    over = (
+        "the autoencoder with its N(0, I) prior (first stage)"
+        if first_stage
+        else "the whole latent hierarchy"
+    )
     text = f"{dataset} test set: ELBO {payload['elbo']:.2f} ± {stderr or 0:.2f} nats per image " + (
-        f"({payload['bits_per_dim']:.4f} bits/dim, a bound over the whole latent hierarchy, {n} images)"
+        f"({payload['bits_per_dim']:.4f} bits/dim, a bound over {over}, {n} images)"
     )
     if distance is not None:
         text += (

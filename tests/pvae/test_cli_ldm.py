@@ -35,6 +35,10 @@ def test_train_evaluate_sample_and_load(recipe, tmp_path, capsys):
     assert cli.main(evaluate) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["num_images"] == 20 and payload["frechet_distance"] is None
+    assert payload["prior"] == "diffusion chain"
+    first_stage = ["evaluate", str(out / "autoencoder" / "checkpoint.pt"), "--quality-samples", "0", "--json"]
+    assert cli.main(first_stage) == 0  # the first stage is scored with the prior it was trained with
+    assert json.loads(capsys.readouterr().out)["prior"] == "N(0, I) (first stage)"
     assert payload["bits_per_dim"] == pytest.approx(-payload["elbo"] / (784 * 0.6931471805599453))
 
     picture = tmp_path / f"{recipe}.png"
