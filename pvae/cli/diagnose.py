@@ -49,7 +49,7 @@ DEFAULT_NUM_TEST = 200
 #: Test data handled at once by k̂ and the gaps (a step of the progress bar).
 CHUNK = 50
 #: Particles per step of the per-datum fit of q* (the gaps).
-GAP_PARTICLES = 2
+GAP_PARTICLES = 4
 #: Entries of the sample sites of one batch of particles × data that the importance weights may hold.
 _ELEMENT_BUDGET = 2**24
 
@@ -101,7 +101,7 @@ def _diffusion_test_data(args, checkpoint: dict, family):
     return test_x.to(family.device)
 
 
-for _name in ("ae", "dae", "vae"):
+for _name in ("ae", "dae", "vae", "ldm"):
     register_test_data(_name, _image_test_data)
 register_test_data("ddpm", _diffusion_test_data)
 
@@ -193,10 +193,11 @@ def _run_diagnose(args) -> int:
     where = f"{args.checkpoint} holds a {name!r}"
     if args.sbc:
         _check_prior_predictive(family, where)
-    x = None
+    x = batch = None
     if args.khat or args.gaps:
         x = _test_data(args, checkpoint, family, where)
         _check_guide(family, x, args.gaps, where)
+        batch = _particles_per_batch(family, x, args.num_samples)  # before seeding: it draws from the guide
 
     payload = {"checkpoint": args.checkpoint, "family": name, "seed": args.seed}
     text = [f"{name} checkpoint {args.checkpoint}, seed {args.seed}"]
@@ -204,19 +205,30 @@ def _run_diagnose(args) -> int:
         payload["num_test"] = int(x.shape[0])
         text[0] += f": {x.shape[0]} test data"
     progress = not args.json
-    if args.khat:
-        seed_everything(args.seed)
-        khat = _khat(family, x, args.num_samples, progress)
-        payload["khat"] = _khat_summary(khat, args.num_samples)
-        text += ["", _khat_text(payload["khat"])]
+    results = {}  # computed gaps first (a guide they cannot refit fails fast), shown k̂, gaps, SBC
     if args.gaps:
         seed_everything(args.seed)
-        gaps = _gaps(family, x, args.num_samples, args.num_steps, progress)
-        payload["gaps"] = gaps.to_dict()
-        text += ["", "Inference gaps (Cremer, Li & Duvenaud 2018), nats per datum:", gaps.table()]
+        results["gaps"] = _gaps(family, x, args.num_samples, args.num_steps, batch, progress, where)
+    if args.khat:
+        seed_everything(args.seed)
+        results["khat"] = _khat(family, x, args.num_samples, batch, progress)
     if args.sbc:
         seed_everything(args.seed)
-        payload["sbc"], sbc_text = _sbc(family, args, out, progress)
+        results["sbc"] = _sbc(family, args, out, progress)
+    if args.khat:
+        payload["khat"] = _khat_summary(results["khat"], args.num_samples)
+        text += ["", _khat_text(payload["khat"])]
+    if args.gaps:
+        gaps = results["gaps"]
+        payload["gaps"] = gaps.to_dict()
+        text += ["", "Inference gaps (Cremer, Li & Duvenaud 2018), nats per datum:", gaps.table()]
+        if not gaps.log_marginal_exact:
+            text.append(
+                "(the IWAE estimate is a lower bound on log p(x), the further below it the larger k̂: so are "
+                "the approximation and inference gaps)"
+            )
+    if args.sbc:
+        payload["sbc"], sbc_text = results["sbc"]
         text += ["", sbc_text]
     if args.json:
         print_json(payload)
@@ -305,13 +317,12 @@ def _chunks(x, progress: bool, description: str):
 
 
 # ---- the three diagnostics -----------------------------------------------------------------------------
-def _khat(family, x, num_samples: int, progress: bool):
-    """k̂ per datum, (N,)."""
+def _khat(family, x, num_samples: int, batch: int, progress: bool):
+    """k̂ per datum, (N,), drawing ``batch`` particles at once."""
     import torch
 
     from pvae.inference import pareto_khat
 
-    batch = _particles_per_batch(family, x, num_samples)
     values = [
         pareto_khat(family.model, family.guide, part, num_samples=num_samples, particles_per_batch=batch)
         for part in _chunks(x, progress, f"k̂ ({CHUNK} data a step)")
@@ -365,10 +376,6 @@ def _khat_text(summary: dict) -> str:
         (f"k̂ < {KHAT_GOOD} (good)", summary["fraction_good"]),
         (f"{KHAT_GOOD} ≤ k̂ ≤ {KHAT_UNRELIABLE} (usable)", summary["fraction_usable"]),
         (f"k̂ > {KHAT_UNRELIABLE} (unreliable)", summary["fraction_unreliable"]),
-        (
-            f"k̂ > {summary['sample_size_threshold']:.3f} = min(1 − 1/log₁₀ S, 0.7): S = {draws} too few",
-            summary["fraction_above_sample_size_threshold"],
-        ),
     ]
     width = max(len(label) for label, _ in bands)
     lines = [
@@ -376,6 +383,8 @@ def _khat_text(summary: dict) -> str:
         f"{count} data:",
         f"  mean {shown(summary['mean'])}  median {shown(summary['median'])}  max {shown(summary['max'])}",
         *(f"  {label.ljust(width)}  {fraction:6.1%}" for label, fraction in bands),
+        f"  k̂ > {summary['sample_size_threshold']:.3f} = min(1 − 1/log₁₀ S, 0.7), the bound for S = {draws} "
+        f"draws: {summary['fraction_above_sample_size_threshold']:.1%}",
     ]
     if summary["num_without_tail"]:
         lines.append(f"  {summary['num_without_tail']} data with constant weights (k̂ = −∞, counted as good)")
@@ -384,23 +393,26 @@ def _khat_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _gaps(family, x, num_samples: int, num_steps: int, progress: bool):
-    """:func:`pvae.inference.inference_gaps` chunk by chunk, merged into one result over all data."""
+def _gaps(family, x, num_samples: int, num_steps: int, batch: int, progress: bool, where: str):
+    """:func:`pvae.inference.inference_gaps` chunk by chunk (``batch`` particles drawn at once), merged into
+    one result over all data. A guide whose sites the per-datum fit cannot refit is a :class:`UsageError`."""
     from pvae.inference import inference_gaps
 
-    batch = _particles_per_batch(family, x, num_samples)
-    parts = [
-        inference_gaps(
-            family.model,
-            family.guide,
-            part,
-            num_samples=num_samples,
-            num_steps=num_steps,
-            num_particles=GAP_PARTICLES,
-            particles_per_batch=batch,
-        )
-        for part in _chunks(x, progress, f"gaps ({CHUNK} data a step)")
-    ]
+    parts = []
+    for part in _chunks(x, progress, f"gaps ({CHUNK} data a step)"):
+        try:
+            result = inference_gaps(
+                family.model,
+                family.guide,
+                part,
+                num_samples=num_samples,
+                num_steps=num_steps,
+                num_particles=GAP_PARTICLES,
+                particles_per_batch=batch,
+            )
+        except ValueError as error:  # before any work: what the guide's sites do not allow
+            raise UsageError(f"{where}: --gaps cannot fit q* to each datum: {error}") from None
+        parts.append(result)
     return parts[0] if len(parts) == 1 else _merged(parts)
 
 
@@ -457,13 +469,12 @@ def _sbc(family, args, out: str, progress: bool) -> tuple[dict, str]:
             f"  {len(result.sites)} latent sites, {below} with p < 0.01; smallest p-values:",
             *(f"  {site}  p = {result.p_values[site]:.3g}" for site in worst),
         ]
-    ranks_note = (
-        "ranks of a site's entries pooled (its coordinates are dependent: treat p as a screen)"
-        if any(result.ranks[site][0].numel() > 1 for site in result.sites)
-        else "one rank per simulation"
-    )
+    if any(result.ranks[site][0].numel() > 1 for site in result.sites):
+        lines.append(
+            "  (a site's coordinates are ranked each and pooled; they are not independent, so read p as a "
+            "screen, the plot for the shape)"
+        )
     lines += [
-        f"  ({ranks_note})",
         "  ECDF inside its 95% simultaneous band (Säilynoja et al. 2022): "
         + ", ".join(f"{site} {'yes' if ok else 'NO'}" for site, ok in inside.items()),
         f"  plot: {path}",

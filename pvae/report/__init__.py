@@ -5,9 +5,11 @@ e.g. a long run under ``quick``), registered with ``@report_section(order)`` whe
 report runs them by ``order``. Every number
 in a section's prose comes from the run that writes the report.
 
-Sections, in report order: the exact families (:mod:`pvae.report.exact`: the toy, the mixture), the
-autoencoders (:mod:`pvae.report.autoencoders`) and the diffusion model (:mod:`pvae.report.diffusion`:
-two moons, and digits in the full report). The modules also hold the pictures the command line draws
+Sections, in report order: the exact families (:mod:`pvae.report.exact`: the toy, then
+:mod:`pvae.report.diagnostics` on its guides, then the mixture), the
+autoencoders (:mod:`pvae.report.autoencoders`), the diffusion model (:mod:`pvae.report.diffusion`:
+two moons, and digits in the full report) and latent diffusion (:mod:`pvae.report.latent_diffusion`,
+full report only). The modules also hold the pictures the command line draws
 after training.
 """
 
@@ -50,7 +52,8 @@ def report_section(order: float):
 
 def sections() -> list[Callable[[ReportContext], str]]:
     """Every registered section (the built-in ones included), in report order."""
-    from pvae.report import autoencoders, diffusion, exact  # noqa: F401 — their sections register on import
+    # the built-in sections register on import
+    from pvae.report import autoencoders, diagnostics, diffusion, exact, latent_diffusion  # noqa: F401
 
     return [section for _, section in sorted(SECTIONS, key=lambda entry: entry[0])]
 
