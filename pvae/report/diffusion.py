@@ -218,7 +218,7 @@ class DigitsDemo:
     objective: str = "simple"
     time_sampling: str = "per_datum"
     batch_size: int = 64
-    epochs: int = 36
+    epochs: int = 20
     lr: float = 2e-3
     lr_end: float = 2e-5
     ema_decay: float = 0.999
