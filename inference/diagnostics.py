@@ -668,6 +668,8 @@ class _PathDerivative(dist.TorchDistribution):
 
     def __init__(self, live, frozen):
         self.live, self.frozen = live, frozen
+        # the wrapper has no parameters of its own to check; live and frozen keep their own validation
+        # (frozen.log_prob checks every value against the support)
         super().__init__(live.batch_shape, live.event_shape, validate_args=False)
 
     @property
