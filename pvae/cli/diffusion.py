@@ -29,6 +29,27 @@ from pvae.report.diffusion import DIFFUSION_ONLY_DATASETS, diffusion_data
 from pvae.utils import bits_per_dim
 
 
+def add_chain_arguments(parser, defaults) -> None:
+    """The diffusion chain's ``--timesteps``, ``--schedule`` and ``--time-sampling``, with the defaults of
+    ``defaults`` (a config with those fields: the DDPM's, or the latent diffusion model's prior)."""
+    parser.add_argument(
+        "--timesteps",
+        type=bounded_int(1, MAX_TIMESTEPS),
+        default=defaults.timesteps,
+        help=f"T, diffusion steps (default {defaults.timesteps})",
+    )
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help=f"default {defaults.schedule}"
+    )
+    parser.add_argument(
+        "--time-sampling",
+        choices=TIME_SAMPLING,
+        default=defaults.time_sampling,
+        help="how the training pair draws timesteps — plate: one per batch (the time plate); per_datum: "
+        f"one per datum (default {defaults.time_sampling})",
+    )
+
+
 def _add_arguments(parser) -> None:
     from pvae.data import IMAGE_DATASETS
 
@@ -40,15 +61,7 @@ def _add_arguments(parser) -> None:
         default=defaults.hidden_dim,
         help=f"width of the MLP denoiser for 2-D data (default {defaults.hidden_dim})",
     )
-    parser.add_argument(
-        "--timesteps",
-        type=bounded_int(1, MAX_TIMESTEPS),
-        default=defaults.timesteps,
-        help=f"T, diffusion steps (default {defaults.timesteps})",
-    )
-    parser.add_argument(
-        "--schedule", choices=SCHEDULES, default=defaults.schedule, help=f"default {defaults.schedule}"
-    )
+    add_chain_arguments(parser, defaults)
     parser.add_argument(
         "--reverse-variance",
         choices=REVERSE_VARIANCES,
@@ -67,13 +80,6 @@ def _add_arguments(parser) -> None:
         nargs="+",
         default=list(defaults.channels),
         help=f"U-Net widths per level (default {' '.join(map(str, defaults.channels))})",
-    )
-    parser.add_argument(
-        "--time-sampling",
-        choices=TIME_SAMPLING,
-        default=defaults.time_sampling,
-        help="plate: one timestep per batch (the time plate); per_datum: one per datum "
-        f"(default {defaults.time_sampling})",
     )
     parser.add_argument(
         "--picture-samples",

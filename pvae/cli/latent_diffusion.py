@@ -23,7 +23,7 @@ from pvae.cli.common import (
     saved_setting,
     train_and_record,
 )
-from pvae.models.diffusion import MAX_TIMESTEPS, SCHEDULES, TIME_SAMPLING
+from pvae.cli.diffusion import add_chain_arguments
 from pvae.models.latent_diffusion import LatentDiffusionConfig
 from pvae.models.vae import ARCHITECTURES
 
@@ -64,19 +64,7 @@ def _add_arguments(parser) -> None:
         default=defaults.hidden_dim,
         help=f"the autoencoder's hidden width ({defaults.hidden_dim})",
     )
-    parser.add_argument(
-        "--timesteps",
-        type=bounded_int(1, MAX_TIMESTEPS),
-        default=defaults.timesteps,
-        help=f"T of the prior chain ({defaults.timesteps})",
-    )
-    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    parser.add_argument(
-        "--time-sampling",
-        choices=TIME_SAMPLING,
-        default=defaults.time_sampling,
-        help=f"timesteps of the training pair (default {defaults.time_sampling})",
-    )
+    add_chain_arguments(parser, defaults)  # the prior chain's T, schedule and time sampling
     parser.add_argument(
         "--prior-hidden-dim",
         type=positive_int,
