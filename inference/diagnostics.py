@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyro
@@ -821,6 +821,17 @@ _GAP_KEYS = (
 )
 
 
+def _summary(per_datum: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each quantity's mean over the N data and its standard error √(Σ_n se_n²) / N (the per-datum
+    estimates are independent), from the (N,) per-datum values and standard errors."""
+    num_data = per_datum[_GAP_KEYS[0]].shape[0]
+    summary = {}
+    for key in _GAP_KEYS:
+        summary[key] = per_datum[key].mean().item()
+        summary[f"{key}_stderr"] = (per_datum[f"{key}_stderr"].pow(2).sum().sqrt() / num_data).item()
+    return summary
+
+
 @dataclass
 class InferenceGaps:
     """Result of :func:`inference_gaps`: means over the data of each quantity, with standard errors.
@@ -851,6 +862,48 @@ class InferenceGaps:
     num_steps: int
     losses: list[float] = field(repr=False)
     per_datum: dict[str, torch.Tensor] = field(repr=False)
+
+    @classmethod
+    def concatenate(cls, results: Sequence[InferenceGaps]) -> InferenceGaps:
+        """One result over the data of all ``results`` in order, e.g. of :func:`inference_gaps` run on
+        chunks of the data: the per-datum values joined, each mean and standard error recomputed over all
+        N data as :func:`inference_gaps` computes them (not averaged over the results), and the per-datum
+        fit's loss at each step summed over the results (the loss of all data: it sums over the data).
+
+        :param results: one or more results with the same ``num_samples``, ``num_steps``,
+            ``log_marginal_exact``, number of losses and per-datum quantities.
+        :raises ValueError: for no results, anything but InferenceGaps, or results that differ in those.
+        """
+        results = list(results)
+        if not results or not all(isinstance(result, InferenceGaps) for result in results):
+            raise ValueError(
+                "InferenceGaps.concatenate needs a non-empty sequence of InferenceGaps, got "
+                f"{[type(result).__name__ for result in results]}"
+            )
+        first = results[0]
+        for index, result in enumerate(results[1:], start=1):
+            for name in ("num_samples", "num_steps", "log_marginal_exact"):
+                ours, theirs = getattr(result, name), getattr(first, name)
+                if ours != theirs:
+                    raise ValueError(
+                        f"InferenceGaps.concatenate: results[{index}].{name} is {ours!r} but "
+                        f"results[0].{name} is {theirs!r}; only results of the same settings join"
+                    )
+            if len(result.losses) != len(first.losses) or set(result.per_datum) != set(first.per_datum):
+                raise ValueError(
+                    f"InferenceGaps.concatenate: results[{index}] has {len(result.losses)} losses and "
+                    f"per-datum {sorted(result.per_datum)}, results[0] {len(first.losses)} and "
+                    f"{sorted(first.per_datum)}"
+                )
+        per_datum = {key: torch.cat([result.per_datum[key] for result in results]) for key in first.per_datum}
+        return cls(
+            **_summary(per_datum),
+            log_marginal_exact=first.log_marginal_exact,
+            num_samples=first.num_samples,
+            num_steps=first.num_steps,
+            losses=[sum(step) for step in zip(*(result.losses for result in results))],
+            per_datum=per_datum,
+        )
 
     def table(self, digits: int = 4) -> str:
         """Mean ± standard error of each quantity, one per line (``digits`` significant digits)."""
@@ -990,13 +1043,8 @@ def inference_gaps(
     errors["approximation_gap"] = torch.hypot(log_marginal_stderr, elbo_optimal_stderr)
     errors["amortization_gap"] = torch.hypot(elbo_optimal_stderr, elbo_amortized_stderr)
     per_datum.update({f"{key}_stderr": value for key, value in errors.items()})
-    num_data = elbo_amortized.shape[0]
-    summary = {}
-    for key in _GAP_KEYS:
-        summary[key] = per_datum[key].mean().item()
-        summary[f"{key}_stderr"] = (errors[key].pow(2).sum().sqrt() / num_data).item()
     return InferenceGaps(
-        **summary,
+        **_summary(per_datum),
         log_marginal_exact=log_marginal is not None,
         num_samples=num_samples,
         num_steps=num_steps,

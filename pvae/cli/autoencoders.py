@@ -146,19 +146,38 @@ def _describe(family, data: RunData, history, summary: dict, args) -> str:
     )
 
 
+def read_test_digits(args, checkpoint: dict, device, binarizations=(None, "static", "dynamic")):
+    """The test digits ``pvae evaluate`` scores for a checkpoint trained on digits: the recorded data set's
+    test split (``args.num_test`` of them, else as many as the run had), a seed-0 class-mixed subset,
+    binarized once (seed 0) when the run binarized (``train_config.binarize``, checked to be one of
+    ``binarizations``).
+
+    :returns: ``(dataset, grey, loader)``: the data set's name, the (N, 784) grey levels, and a loader of the
+        digits as scored, in order (``loader.data``: (N, 784) on ``device``).
+    """
+    from pvae.data import IMAGE_DATASETS
+    from pvae.report.autoencoders import image_split, image_test_loader
+
+    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
+    binarize = saved_setting(checkpoint, "binarize", binarizations)
+    grey, labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
+    return dataset, grey, image_test_loader(grey, labels, binarize, device)
+
+
+def _test_data(args, family, checkpoint: dict):
+    """The (N, 784) test digits :func:`_evaluate` scores, on the family's device."""
+    return read_test_digits(args, checkpoint, family.device)[2].data
+
+
 def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
     """IWAE-k test log-likelihood for the VAE; the reconstruction error for AE/DAE (no marginal)."""
     import torch
 
-    from pvae.data import IMAGE_DATASETS
     from pvae.inference import evaluate_log_likelihood
-    from pvae.report.autoencoders import image_split, image_test_loader, is_autoencoder
+    from pvae.report.autoencoders import is_autoencoder
     from pvae.utils import seed_everything
 
-    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
-    binarize = saved_setting(checkpoint, "binarize", (None, "static", "dynamic"))
-    test_x, test_labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
-    loader = image_test_loader(test_x, test_labels, binarize, family.device)
+    dataset, _, loader = read_test_digits(args, checkpoint, family.device)
     seed_everything(args.seed)
     if not is_autoencoder(family):
         result = evaluate_log_likelihood(family, loader, num_samples=args.num_samples, progress=not args.json)
@@ -207,6 +226,7 @@ def _commands(kind: str, help: str, objectives: tuple[str, ...]) -> FamilyComman
         evaluate=_evaluate,
         sample=_sample if kind == "vae" else None,
         cannot_sample=flat,
+        test_data=_test_data,
     )
 
 

@@ -68,6 +68,10 @@ class FamilyCommands:
     :param first_stage: ``(family, args, data, out) -> None`` run before the main training run, e.g. a
         warm start trained and checkpointed in a folder of its own (the latent diffusion model's
         autoencoder); None for families trained in one run.
+    :param test_data: ``(args, family, checkpoint) -> (N, ...) tensor``: the checkpoint's test data on the
+        family's device, read as ``evaluate`` reads them (``args.num_test``, else as trained;
+        ``args.data_root``, ``args.download``); ``pvae diagnose`` computes k̂ and the inference gaps on them.
+        None: ``diagnose`` refuses ``--khat``/``--gaps`` for the family (``--sbc`` needs no test data).
     """
 
     help: str
@@ -86,6 +90,7 @@ class FamilyCommands:
     add_sample_arguments: Callable[[Any], None] | None = None
     threads: Callable[[argparse.Namespace], int | None] | None = None
     first_stage: Callable[..., None] | None = None
+    test_data: Callable[..., Any] | None = None
 
 
 _COMMANDS: dict[str, FamilyCommands] = {}

@@ -8,9 +8,10 @@
   fitted to each test datum.
 - ``--sbc``: simulation-based calibration (Talts et al. 2018) on data drawn from the model itself.
 
-Without any of the three, ``--khat --gaps`` run. The test data are the checkpoint's, read exactly as
-``pvae evaluate`` reads them (:data:`TEST_DATA`, one reader per family, the built-in ones here; a user's
-family adds its own with :func:`register_test_data`). SBC needs no test data, only a proper prior.
+Without any of the three, ``--khat --gaps`` run. The test data are the checkpoint's, read by the same
+code as ``pvae evaluate`` reads them: the ``test_data`` reader of the family's
+:class:`~pvae.cli.commands.FamilyCommands` (a user's family gives its own there). SBC needs no test data,
+only a proper prior. ``--threads N`` runs everything on N intra-op threads (default: torch's choice).
 
 Each diagnostic starts from ``--seed`` (``pvae.utils.seed_everything``), so its result does not depend on
 which others run. k̂ and the gaps go through the test data in chunks of :data:`CHUNK` data: each datum's
@@ -19,15 +20,14 @@ k̂ and gaps depend on that datum alone, and the chunks give the progress bar it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
 
 from pvae.cli.common import (
     UsageError,
     add_common,
     bounded_int,
-    checked_data_settings,
     open_checkpoint,
     optional_count,
     prepare_out_folder,
@@ -35,14 +35,7 @@ from pvae.cli.common import (
     saved_setting,
 )
 
-__all__ = [
-    "CHUNK",
-    "DEFAULT_NUM_TEST",
-    "GAP_PARTICLES",
-    "TEST_DATA",
-    "register_diagnose",
-    "register_test_data",
-]
+__all__ = ["CHUNK", "DEFAULT_NUM_TEST", "GAP_PARTICLES", "MAX_THREADS", "register_diagnose"]
 
 #: Test data used unless ``--num-test`` says otherwise (fewer if the run had fewer).
 DEFAULT_NUM_TEST = 200
@@ -52,58 +45,8 @@ CHUNK = 50
 GAP_PARTICLES = 4
 #: Entries of the sample sites of one batch of particles × data that the importance weights may hold.
 _ELEMENT_BUDGET = 2**24
-
-#: Registered family name → ``reader(args, checkpoint, family) -> (N, ...) tensor`` of its test data.
-TEST_DATA: dict[str, Callable] = {}
-
-
-def register_test_data(name: str, reader: Callable) -> Callable:
-    """Tell ``pvae diagnose`` how to read the test data of checkpoints of the family registered as ``name``:
-    ``reader(args, checkpoint, family)`` returns them as an (N, ...) tensor on the family's device, read as
-    ``pvae evaluate`` reads them (``args.num_test`` data, ``args.data_root``, ``args.download``)."""
-    from pvae.family import family_class
-
-    family_class(name)  # a ValueError names the registered families
-    if not callable(reader):
-        raise TypeError(f"register_test_data({name!r}, reader): reader must be callable, got {reader!r}")
-    TEST_DATA[name] = reader
-    return reader
-
-
-def _image_test_data(args, checkpoint: dict, family):
-    """The digits ``pvae evaluate`` scores for an autoencoder or VAE: the recorded data set's test split,
-    a seed-0 class-mixed subset, binarized once (seed 0) under a Bernoulli likelihood."""
-    from pvae.data import IMAGE_DATASETS
-    from pvae.report.autoencoders import image_split, image_test_loader
-
-    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
-    binarize = saved_setting(checkpoint, "binarize", (None, "static", "dynamic"))
-    test_x, labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
-    return image_test_loader(test_x, labels, binarize, family.device).data  # (N, 784)
-
-
-def _diffusion_test_data(args, checkpoint: dict, family):
-    """The test data ``pvae evaluate`` scores for a DDPM: model-space images, or the run's own two-moons
-    test points regenerated from its seed."""
-    from pvae.data import IMAGE_DATASETS
-    from pvae.report.diffusion import DIFFUSION_ONLY_DATASETS, diffusion_data
-
-    datasets = IMAGE_DATASETS + DIFFUSION_ONLY_DATASETS
-    dataset, num_test, seed = checked_data_settings(args, checkpoint, datasets)
-    test_x = diffusion_data(
-        dataset, "test", args.data_root, num_test, seed if dataset == "two-moons" else 0, args.download
-    )
-    if tuple(test_x.shape[1:]) != tuple(family.data_shape):
-        raise UsageError(
-            f"{args.checkpoint} holds a DDPM of data shape {tuple(family.data_shape)}, but its data set "
-            f"{dataset} has shape {tuple(test_x.shape[1:])}"
-        )
-    return test_x.to(family.device)
-
-
-for _name in ("ae", "dae", "vae", "ldm"):
-    register_test_data(_name, _image_test_data)
-register_test_data("ddpm", _diffusion_test_data)
+#: Most intra-op threads ``--threads`` may ask for.
+MAX_THREADS = 1024
 
 
 # ---- the command line ----------------------------------------------------------------------------------
@@ -175,11 +118,24 @@ def register_diagnose(subparsers) -> None:
         action="store_true",
         help="let torchvision download mnist/fashion-mnist into --data-root",
     )
+    parser.add_argument(
+        "--threads",
+        type=bounded_int(1, MAX_THREADS),
+        default=None,
+        help="torch intra-op threads for the run (default: torch's choice)",
+    )
     add_common(parser)
     parser.set_defaults(run=_run_diagnose)
 
 
 def _run_diagnose(args) -> int:
+    from pvae.utils import torch_threads
+
+    with torch_threads(args.threads) if args.threads else contextlib.nullcontext():
+        return _diagnose(args)
+
+
+def _diagnose(args) -> int:
     from pvae.family import registered_families
     from pvae.utils import seed_everything
 
@@ -259,17 +215,19 @@ def _check_prior_predictive(family, where: str) -> None:
 
 
 def _test_data(args, checkpoint: dict, family, where: str):
-    name = checkpoint["family"]["name"]
-    reader = TEST_DATA.get(name)
-    if reader is None:
+    """The checkpoint's test data, read by its family's ``FamilyCommands.test_data`` (``pvae evaluate``'s)."""
+    from pvae.cli.commands import registered_commands
+
+    spec = registered_commands().get(checkpoint["family"]["name"])
+    if spec is None or spec.test_data is None:
         raise UsageError(
             f"{where}: pvae diagnose knows no test data for it (k̂ and the gaps need them; --sbc does not): "
-            "register a reader with pvae.cli.diagnose.register_test_data"
+            "give its FamilyCommands a test_data reader (pvae.cli.commands)"
         )
     if args.num_test is None:  # the readers take args.num_test, as pvae evaluate's do
         recorded = saved_setting(checkpoint, "num_test", optional_count)
         args.num_test = min(DEFAULT_NUM_TEST, recorded or DEFAULT_NUM_TEST)
-    return reader(args, checkpoint, family)
+    return spec.test_data(args, family, checkpoint)
 
 
 def _check_guide(family, x, gaps: bool, where: str) -> None:
@@ -394,9 +352,10 @@ def _khat_text(summary: dict) -> str:
 
 
 def _gaps(family, x, num_samples: int, num_steps: int, batch: int, progress: bool, where: str):
-    """:func:`pvae.inference.inference_gaps` chunk by chunk (``batch`` particles drawn at once), merged into
-    one result over all data. A guide whose sites the per-datum fit cannot refit is a :class:`UsageError`."""
-    from pvae.inference import inference_gaps
+    """:func:`pvae.inference.inference_gaps` chunk by chunk (``batch`` particles drawn at once), joined into
+    one result over all data (:meth:`~pvae.inference.InferenceGaps.concatenate`). A guide whose sites the
+    per-datum fit cannot refit is a :class:`UsageError`."""
+    from pvae.inference import InferenceGaps, inference_gaps
 
     parts = []
     for part in _chunks(x, progress, f"gaps ({CHUNK} data a step)"):
@@ -413,26 +372,7 @@ def _gaps(family, x, num_samples: int, num_steps: int, batch: int, progress: boo
         except ValueError as error:  # before any work: what the guide's sites do not allow
             raise UsageError(f"{where}: --gaps cannot fit q* to each datum: {error}") from None
         parts.append(result)
-    return parts[0] if len(parts) == 1 else _merged(parts)
-
-
-def _merged(parts):
-    """One :class:`~pvae.inference.InferenceGaps` over the data of all ``parts``: per-datum values joined,
-    each mean ± its standard error (root of the summed per-datum variances over N) over all data, and the
-    fit's loss per step summed over the chunks (the loss of all data)."""
-    import dataclasses
-
-    import torch
-
-    per_datum = {key: torch.cat([part.per_datum[key] for part in parts]) for key in parts[0].per_datum}
-    count = next(iter(per_datum.values())).shape[0]
-    summary = {}
-    for key in per_datum:
-        if not key.endswith("_stderr"):
-            summary[key] = per_datum[key].mean().item()
-            summary[f"{key}_stderr"] = (per_datum[f"{key}_stderr"].pow(2).sum().sqrt() / count).item()
-    losses = [sum(step) for step in zip(*(part.losses for part in parts))]
-    return dataclasses.replace(parts[0], **summary, losses=losses, per_datum=per_datum)
+    return InferenceGaps.concatenate(parts)
 
 
 def _sbc(family, args, out: str, progress: bool) -> tuple[dict, str]:

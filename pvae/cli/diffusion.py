@@ -162,16 +162,18 @@ def _threads(args) -> int | None:
     return 1 if args.dataset in DIFFUSION_ONLY_DATASETS else None  # 2-D points: one thread is faster
 
 
-def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
-    """Per-datum ELBO with all T terms (closed-form KLs) on the test split, and bits per dimension."""
-    import torch
+def _read_test_data(args, family, checkpoint: dict):
+    """The test data ``pvae evaluate`` scores for a DDPM: the recorded data set's test split
+    (``args.num_test`` of them, else as many as the run had) in model space; for two moons, the run's own
+    test points regenerated from its seed. A data set whose shape is not the DDPM's is a
+    :class:`UsageError`.
 
+    :returns: ``(dataset, test_x)``: the data set's name and the (N, ...) data, on the CPU.
+    """
     from pvae.data import IMAGE_DATASETS
-    from pvae.utils import seed_everything
 
     datasets = IMAGE_DATASETS + DIFFUSION_ONLY_DATASETS
     dataset, num_test, seed = checked_data_settings(args, checkpoint, datasets)
-    # two moons: the run's own test points, regenerated from its seed
     test_x = diffusion_data(
         dataset, "test", args.data_root, num_test, seed if dataset == "two-moons" else 0, args.download
     )
@@ -180,6 +182,21 @@ def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
             f"{args.checkpoint} holds a DDPM of data shape {tuple(family.data_shape)}, but its data set "
             f"{dataset} has shape {tuple(test_x.shape[1:])}"
         )
+    return dataset, test_x
+
+
+def _test_data(args, family, checkpoint: dict):
+    """The (N, ...) test data :func:`_evaluate` scores, on the family's device."""
+    return _read_test_data(args, family, checkpoint)[1].to(family.device)
+
+
+def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
+    """Per-datum ELBO with all T terms (closed-form KLs) on the test split, and bits per dimension."""
+    import torch
+
+    from pvae.utils import seed_everything
+
+    dataset, test_x = _read_test_data(args, family, checkpoint)
     seed_everything(args.seed)
     started = time.perf_counter()
     elbo = torch.cat(
@@ -262,5 +279,6 @@ register_commands(
         sample=_sample,
         add_sample_arguments=_add_sample_arguments,
         threads=_threads,
+        test_data=_test_data,
     ),
 )

@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 import os
 
-from pvae.cli.autoencoders import IMAGE_SIDE, image_data
+from pvae.cli.autoencoders import IMAGE_SIDE, image_data, read_test_digits
 from pvae.cli.commands import FamilyCommands, RunData, register_commands
 from pvae.cli.common import (
     UsageError,
     add_image_data_arguments,
     bounded_int,
-    checked_data_settings,
     positive_int,
-    saved_setting,
     train_and_record,
 )
 from pvae.cli.diffusion import add_chain_arguments
@@ -149,19 +147,25 @@ def _pictures(family, data: RunData, history, out: str, args) -> dict[str, str]:
     return {"samples": plots.save_image_grid(samples.cpu(), os.path.join(out, "samples.png"))}
 
 
+def _read_test_digits(args, family, checkpoint: dict):
+    """:func:`pvae.cli.autoencoders.read_test_digits` of a run whose digits were binarized per batch, as
+    every latent diffusion run's are."""
+    return read_test_digits(args, checkpoint, family.device, ("dynamic",))
+
+
+def _test_data(args, family, checkpoint: dict):
+    """The (N, 784) binarized test digits :func:`_evaluate` scores, on the family's device."""
+    return _read_test_digits(args, family, checkpoint)[2].data
+
+
 def _evaluate(args, family, checkpoint: dict) -> tuple[dict, str]:
     """The ELBO of the whole hierarchy (nats and bits/dim) and the Fréchet distance of samples."""
     import torch
 
-    from pvae.data import IMAGE_DATASETS
     from pvae.metrics import frechet_distance, label_histogram
-    from pvae.report.autoencoders import image_split, image_test_loader
     from pvae.utils import bits_per_dim, seed_everything
 
-    dataset, num_test, _ = checked_data_settings(args, checkpoint, IMAGE_DATASETS)
-    saved_setting(checkpoint, "binarize", ("dynamic",))
-    test_x, test_labels = image_split(dataset, "test", args.data_root, num_test, 0, download=args.download)
-    loader = image_test_loader(test_x, test_labels, "dynamic", family.device)
+    dataset, test_x, loader = _read_test_digits(args, family, checkpoint)
     seed_everything(args.seed)
     # a first-stage checkpoint holds a trained autoencoder and an untrained chain: score what was trained
     first_stage = family.stage == "autoencoder"
@@ -238,5 +242,6 @@ register_commands(
         add_evaluate_arguments=_add_evaluate_arguments,
         sample=_sample,
         first_stage=_first_stage,
+        test_data=_test_data,
     ),
 )

@@ -16,6 +16,7 @@ from torch.nn.functional import softplus
 
 from pvae.distributions import TruncatedNormal
 from pvae.inference import (
+    InferenceGaps,
     ecdf_band,
     fit,
     inference_gaps,
@@ -339,6 +340,56 @@ def test_gaps_without_an_exact_evidence_use_the_importance_sampled_one():
     error = (gaps.per_datum["log_marginal"] - exact).abs()
     assert (error < 5 * gaps.per_datum["log_marginal_stderr"]).all(), error
     assert gaps.inference_gap == pytest.approx(gaps.approximation_gap + gaps.amortization_gap)
+
+
+def test_gaps_computed_in_halves_concatenate_to_the_gaps_of_the_whole():
+    """Per-datum values joined; means and standard errors recomputed over all data (as inference_gaps
+    computes them), not averaged over the halves; the fit's loss summed (it sums over the data)."""
+    x = torch.randn(40, dtype=torch.float64) * math.sqrt(1 + NOISE**2)
+    settings = {"log_marginal": conjugate_log_marginal, "num_samples": 1000, "num_steps": 200, "lr": 0.1}
+    halves = [inference_gaps(conjugate_model, linear_guide, part, **settings) for part in x.split(20)]
+    whole = InferenceGaps.concatenate(halves)
+
+    assert set(whole.per_datum) == set(halves[0].per_datum)
+    for key, value in whole.per_datum.items():
+        assert torch.equal(value, torch.cat([half.per_datum[key] for half in halves])), key
+    for key in ("log_marginal", "elbo_amortized", "elbo_optimal", "approximation_gap", "amortization_gap"):
+        assert getattr(whole, key) == pytest.approx(whole.per_datum[key].mean().item()), key
+        recomputed = whole.per_datum[f"{key}_stderr"].pow(2).sum().sqrt().item() / 40
+        halves_errors = [getattr(half, f"{key}_stderr") for half in halves]
+        assert getattr(whole, f"{key}_stderr") == pytest.approx(recomputed), key
+        assert recomputed == pytest.approx(math.hypot(*halves_errors) / 2), key  # equal halves
+        if key != "log_marginal":  # exact: no error at all
+            assert recomputed < 0.9 * sum(halves_errors) / 2, key  # not their average: √2 smaller
+    assert whole.log_marginal == pytest.approx(conjugate_log_marginal(x).mean().item())
+    assert whole.elbo_amortized == pytest.approx(
+        linear_guide_elbo(x).mean().item(), abs=4 * whole.elbo_amortized_stderr
+    )
+    assert whole.inference_gap == pytest.approx(whole.approximation_gap + whole.amortization_gap)
+    assert whole.losses == [first + second for first, second in zip(*(half.losses for half in halves))]
+    assert whole.log_marginal_exact and (whole.num_samples, whole.num_steps) == (1000, 200)
+    assert "(means over 40 data" in whole.table()
+
+    # computed on the whole in one go: the same means, up to the Monte-Carlo errors
+    together = inference_gaps(conjugate_model, linear_guide, x, **settings)
+    for key in ("elbo_amortized", "elbo_optimal", "amortization_gap"):
+        error = math.hypot(getattr(whole, f"{key}_stderr"), getattr(together, f"{key}_stderr"))
+        assert getattr(whole, key) == pytest.approx(getattr(together, key), abs=4 * error + 1e-4), key
+    # one result: its own summary, by the same code
+    assert InferenceGaps.concatenate(halves[:1]).to_dict() == halves[0].to_dict()
+
+
+def test_concatenate_refuses_nothing_and_results_of_other_settings():
+    x = torch.zeros(4, dtype=torch.float64)
+    settings = {"num_samples": 10, "num_steps": 2}
+    result = inference_gaps(conjugate_model, linear_guide, x, **settings)
+    other = inference_gaps(conjugate_model, linear_guide, x, **(settings | {"num_samples": 20}))
+    with pytest.raises(ValueError, match="non-empty sequence of InferenceGaps"):
+        InferenceGaps.concatenate([])
+    with pytest.raises(
+        ValueError, match=r"results\[1\]\.num_samples is 20 but results\[0\]\.num_samples is 10"
+    ):
+        InferenceGaps.concatenate([result, other])
 
 
 def test_gaps_fit_only_the_local_parameters():

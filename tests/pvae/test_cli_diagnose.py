@@ -1,6 +1,7 @@
 """pvae diagnose: k̂, inference gaps and SBC of tiny trained checkpoints, against the same computation in
 process; families that cannot be diagnosed are refused in one line, saying why."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 from matplotlib.image import imread
 
 import pvae
+import pvae.inference
 from pvae import cli
+from pvae.cli import register_commands, registered_commands
 from pvae.inference import inference_gaps, pareto_khat
 from pvae.report.autoencoders import image_split, image_test_loader
 from pvae.utils import seed_everything
@@ -122,8 +125,9 @@ def test_gaps_of_a_guide_without_parameters_are_refused(tmp_path_factory, capsys
         (["--num-steps", "many"], "argument --num-steps: must be an integer, got 'many'"),
         (["--num-simulations", "-3"], "argument --num-simulations: must be an integer in [1"),
         (["--seed", "-1"], "argument --seed"),
+        (["--threads", "0"], "argument --threads: must be an integer in [1"),
     ],
-    ids=["samples", "test", "steps", "simulations", "seed"],
+    ids=["samples", "test", "steps", "simulations", "seed", "threads"],
 )
 def test_bad_flags_exit_2_with_one_line(vae, flags, message, capsys):
     assert cli.main(["diagnose", vae, *flags]) == 2
@@ -133,3 +137,30 @@ def test_bad_flags_exit_2_with_one_line(vae, flags, message, capsys):
 def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert cli.main(["diagnose", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in _one_error_line(capsys)
+
+
+def test_threads_hold_for_the_run_and_are_restored(vae, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    threads = 1 if before > 1 else 2
+    seen = []
+
+    def counted(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return pareto_khat(*args, **kwargs)
+
+    monkeypatch.setattr(pvae.inference, "pareto_khat", counted)
+    argv = ["diagnose", vae, "--khat", "--json", *SIZES, "--threads", str(threads)]
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["khat"]["per_datum"]) == 20
+    assert seen == [threads] and torch.get_num_threads() == before
+
+
+def test_khat_and_gaps_need_the_familys_test_data_reader(vae, capsys):
+    spec = registered_commands()["vae"]
+    register_commands("vae", dataclasses.replace(spec, test_data=None))
+    try:
+        assert cli.main(["diagnose", vae, "--khat"]) == 2
+    finally:
+        register_commands("vae", spec)
+    line = _one_error_line(capsys)
+    assert "knows no test data" in line and "test_data" in line
