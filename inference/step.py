@@ -36,6 +36,15 @@ calls with which Trace_ELBO reports the loss as a float) is replaced by ``detach
 graph computes the loss value as a tensor. Batches whose shapes differ from the traced one (a last,
 smaller batch) run eagerly.
 
+Under ``torch.distributed`` (several processes, :mod:`pvae.inference.distributed`) the first step
+creates the pair's parameters without updating them and sets every rank's to rank 0's values; the eager
+step then runs the loss through ``DistributedDataParallel`` around Pyro's ``ELBOModule`` of the pair (the
+family registered in it, so DDP averages its gradients during the backward pass), and the gradients DDP
+does not see — Pyro params outside the family, the recorded graphs' — are averaged with one collective.
+The loss returned is the average of the ranks' losses, so every rank sees the same value and a
+non-finite loss on one rank stops all of them. ``"compile"`` then keeps Adam outside the compiled graph,
+since the average has to sit between the recorded gradients and the update.
+
 (Longer than most modules: the three engines share one parameter capture, one optimizer and its saved
 state, and the guards that keep validation alive under a recorded graph; split, each half would need the
 other's internals.)
@@ -55,6 +64,7 @@ import torch
 from torch import nn
 
 from pvae.checkpoint import CheckpointError
+from pvae.inference import distributed
 
 __all__ = ["ENGINES", "SVIStep"]
 
@@ -220,6 +230,9 @@ class SVIStep:
         self.num_steps = 0  # optimizer steps applied so far (saved by state_dict, for schedules)
         self.disabled_reason: str | None = None
         self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
+        self.world_size = distributed.world_size()  # processes sharing each step (1: none)
+        self._ddp: nn.Module | None = None
+        self._ddp_params: set[int] = set()
 
     # ---- parameters and optimizer ------------------------------------------------------------------------
     def _capture(self, param_trace: poutine.Trace) -> None:
@@ -342,6 +355,37 @@ class SVIStep:
         self.optimizer.load_state_dict({"state": checked, "param_groups": own_groups})
         self.set_lr(self.lr)
 
+    # ---- several processes -------------------------------------------------------------------------------
+    def _start_distributed(self, args, kwargs) -> None:
+        """Create the pair's parameters (one pass of the loss, no gradients, the random streams left as
+        they were), give every rank rank 0's values, and wrap the pair for DDP."""
+        devices = [p.device for p in (self.module.parameters() if self.module is not None else ())]
+        cuda = [d for d in devices if d.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=cuda), poutine.trace(param_only=True) as capture, torch.no_grad():
+            self.elbo.loss(self.model, self.guide, *args, **kwargs)
+        self._capture(capture.trace)
+        distributed.broadcast_tensors(self.params)
+        if self.module is None or getattr(self.elbo, "differentiable_loss", None) is None:
+            return  # every gradient goes through distributed.average_gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Pyro's ELBOModule: forward(*args) is the pair's differentiable loss. Registering the family in it
+        # gives DDP the parameters to average.
+        loss_module = self.elbo(self.model, self.guide)
+        loss_module.family = self.module
+        device = self.params[0].device
+        self._ddp = DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # buffers change only by identical updates on every rank
+        )
+        self._ddp_params = {id(p) for p in self.module.parameters() if p.requires_grad}
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The ranks' average loss (each rank's loss already stands for the whole global batch)."""
+        total = distributed.all_reduce_sum([float(loss)], loss.device)[0]
+        return (total / self.world_size).to(loss.dtype)
+
     # ---- one step ----------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         if self.engine != "eager" and self.params is not None and self.disabled_reason is None:
@@ -370,6 +414,10 @@ class SVIStep:
             raise diverged from None
 
     def _loss_and_backward_unchecked(self, args, kwargs) -> torch.Tensor:
+        if self._ddp is not None:  # DDP averages the family's gradients during backward()
+            loss = self._ddp(*args, **kwargs)
+            loss.backward()
+            return loss.detach()
         differentiable_loss = getattr(self.elbo, "differentiable_loss", None)
         if differentiable_loss is not None:
             loss = differentiable_loss(self.model, self.guide, *args, **kwargs)
@@ -386,12 +434,17 @@ class SVIStep:
             raise error
 
     def _eager_step(self, args, kwargs) -> torch.Tensor:
+        if self.params is None and self.world_size > 1:
+            self._start_distributed(args, kwargs)
         if self.params is None:
             with poutine.trace(param_only=True) as capture:
                 loss = self._loss_and_backward(args, kwargs)
             self._capture(capture.trace)
         else:
             loss = self._loss_and_backward(args, kwargs)
+        if self.world_size > 1:
+            distributed.average_gradients([p for p in self.params if id(p) not in self._ddp_params])
+            loss = self._mean_over_ranks(loss)
         self._check_finite(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -430,6 +483,10 @@ class SVIStep:
             (loss, guards_hold), grads = outputs, None
         else:
             loss, grads, guards_hold = outputs
+        if self.world_size > 1:  # one decision for all ranks: replay everywhere, or recompute everywhere
+            totals = distributed.all_reduce_sum([float(loss), float(bool(guards_hold))], loss.device)
+            guards_hold = bool(totals[1] == self.world_size)
+            loss = (totals[0] / self.world_size).to(loss.dtype)
         if not bool(guards_hold):
             self.counts["guard_failures"] += 1
             self._guard_failures += 1
@@ -446,6 +503,7 @@ class SVIStep:
         if grads is not None:  # else the graph has updated parameters and Adam's state in place
             for param, grad in zip(self.params, grads):
                 param.grad = grad
+            distributed.average_gradients(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.num_steps += 1
@@ -458,6 +516,8 @@ class SVIStep:
     def _adam_in_graph(self) -> bool:
         """Whether the compiled graph can carry the Adam update too (plain Adam, state initialized)."""
         if self.engine != "compile" or len(self.optimizer.param_groups) != 1:
+            return False
+        if self.world_size > 1:  # the gradients are averaged over ranks between the graph and the update
             return False
         group = self.optimizer.param_groups[0]
         plain = not (

@@ -25,6 +25,15 @@ generator states and the training loader's generator. A run resumed from it repl
 exactly as the uninterrupted run would have (bit for bit on CPU with the eager or trace engine, with or
 without ``lr_end``), wherever the interruption happened within the next epoch. (The test loader's own
 state is not saved: give it ``shuffle=False`` for test ELBOs that match too.)
+
+Several processes (``torchrun``, after :func:`pvae.inference.distributed.setup`): the loaders' batches are
+*global* batches, split over the ranks (:mod:`pvae.inference.distributed` explains the scaling that makes
+the ranks' average the one-process loss); the batch size must be divisible by the number of processes. The
+test ELBO is summed over the ranks' shares. Rank 0 alone writes the checkpoint (the family's own state, as
+one process saves it) and shows progress; every rank reads a resumed run from rank 0's file. Draws inside
+a step come from per-rank streams re-seeded every epoch (:func:`~pvae.inference.distributed.rank_seed`), so
+a run resumed under the same number of processes replays the uninterrupted one, and one resumed under
+another number visits the same global batches.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from pvae.checkpoint import (
     save_checkpoint,
 )
 from pvae.checks import check_choice, check_int, check_positive
+from pvae.inference import distributed
 from pvae.inference.objectives import make_elbo
 from pvae.inference.step import ENGINES, SVIStep
 from pvae.inference.svi import scheduled_lr
@@ -166,10 +176,17 @@ def _objective_name(objective) -> str:
 
 @torch.no_grad()
 def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) -> float:
-    """The objective's loss per datum over a loader (no gradients)."""
+    """The objective's loss per datum over a loader (no gradients); with several processes, each scores its
+    share of every batch and the totals are summed."""
     total, count = 0.0, 0
+    world, rank = distributed.world_size(), distributed.rank()
     for batch in loader:
-        x = batch_data(batch).to(device)
+        x = batch_data(batch)
+        if world > 1:
+            x = distributed.shard(x, rank, world)
+            if x is None:
+                continue
+        x = x.to(device)
         try:
             total += float(elbo.loss(model, guide, x))
         except ValueError as error:  # a distribution's parameter out of its support: the run diverged
@@ -181,9 +198,28 @@ def _evaluate(elbo: ELBO, model, guide, loader: Iterable, device: torch.device) 
                 f"({first_line[:160]}…); try a smaller lr"
             ) from None
         count += x.shape[0]
+    if world > 1:
+        total, count = distributed.all_reduce_sum([total, count], device).tolist()
     if count == 0:
         raise ValueError("test_loader yielded no data")
     return total / count
+
+
+def _check_shardable(loader, world: int) -> None:
+    """Several processes need the same global batches on every rank: a batch size divisible by the number
+    of processes, and a loader whose shuffling does not draw from the (per-rank) global generator."""
+    batch_size = getattr(loader, "batch_size", None)
+    if isinstance(batch_size, int) and batch_size % world:
+        raise ValueError(
+            f"batch size {batch_size} is the global batch, split over {world} processes: it must be a "
+            f"multiple of {world}"
+        )
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+        raise ValueError(
+            "with several processes a shuffling DataLoader needs generator=torch.Generator() seeded alike on "
+            "every rank (or use pvae.data.BatchLoader), so that every rank sees the same global batches"
+        )
 
 
 def train(
@@ -257,13 +293,26 @@ def train(
     """
     epochs = check_int("epochs", epochs)
     check_choice("engine", engine, ENGINES)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        if jit:
+            raise ValueError("jit=True (Pyro's JitTrace_ELBO) runs in one process; with several use engine=")
+        _check_shardable(train_loader, world)
+        if seed is None:  # every rank needs the same seed to derive its streams from
+            seed = int(distributed.from_main_process(lambda: int(torch.randint(2**62, ()))))
+        progress = progress and rank == 0
     if jit and engine != "eager":
         raise ValueError(f"jit=True (Pyro's JitTrace_ELBO) runs with engine='eager', not engine={engine!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
     if resume and overwrite:
         raise ValueError("resume=True and overwrite=True contradict each other: choose one")
-    if checkpoint is not None and not resume and not overwrite and os.path.exists(checkpoint):
+    if (
+        checkpoint is not None
+        and not resume
+        and not overwrite
+        and distributed.from_main_process(lambda: os.path.exists(checkpoint))
+    ):
         raise ValueError(
             f"checkpoint {os.fspath(checkpoint)} already exists: pass resume=True to continue that run or "
             "overwrite=True to replace it"
@@ -305,8 +354,10 @@ def train(
         **(metadata or {}),
     }
     start_epoch = 0
-    if resume and os.path.isfile(checkpoint):
-        saved = load_checkpoint(checkpoint)
+    if world > 1:
+        distributed.broadcast_module(family)  # every rank starts from rank 0's family
+    if resume and distributed.from_main_process(lambda: os.path.isfile(checkpoint)):
+        saved = distributed.from_main_process(lambda: load_checkpoint(checkpoint))
         source = os.fspath(checkpoint)
         changes = _setting_changes(saved["train_config"], train_config)
         if changes and not allow_changes:
@@ -341,6 +392,8 @@ def train(
     total_steps = train_config["total_steps"]
 
     for epoch in range(start_epoch, epochs):
+        if world > 1:
+            seed_everything(distributed.rank_seed(seed, rank, epoch))
         family.train()
         losses: list[torch.Tensor] = []
         sizes: list[int] = []
@@ -351,12 +404,18 @@ def train(
         with progress_bar(train_loader, progress=progress, total=total, desc=description) as bar:
             for batch in bar:
                 x = batch_data(batch)
+                size, shares = x.shape[0], {}
+                if world > 1:  # this rank's share, scaled to stand for the global batch
+                    x = distributed.shard(x, rank, world)
+                    if x is None:
+                        continue
+                    shares = {"num_data": world * x.shape[0]}
                 if x.device != device:
                     x = x.to(device, non_blocking=True)
                 if total_steps is not None:
                     step.set_lr(scheduled_lr(lr, lr_end, step.num_steps, total_steps))
                 try:
-                    losses.append(step(x))
+                    losses.append(step(x, **shares))
                 except FloatingPointError as error:
                     if checkpoint is not None and os.path.exists(checkpoint):
                         kept = f"the last good checkpoint ({os.fspath(checkpoint)}, epoch {epoch}) is kept"
@@ -373,7 +432,7 @@ def train(
                         f"({detail}); the parameters were not updated and {kept}. Try a smaller lr (now "
                         f"{step.lr:.3g})."
                     ) from error
-                sizes.append(x.shape[0])
+                sizes.append(size)
                 now = time.perf_counter()
                 if progress and now - last_update > 0.5:  # the running loss per datum, twice a second
                     recent = max(1, len(losses) // 10)
@@ -406,7 +465,7 @@ def train(
             family.train()
             history.eval_seconds.append(time.perf_counter() - started)
 
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             generator = _loader_generator(train_loader)
             save_checkpoint(
                 checkpoint,

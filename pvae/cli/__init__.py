@@ -79,6 +79,12 @@ def _one_line(error: BaseException) -> str:
 _EXPECTED = (ValueError, TypeError, OSError, FloatingPointError, MemoryError)
 
 
+def _process() -> str:
+    """``"process R: "`` in a job of several processes started by torchrun (the failing rank), else ``""``."""
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    return f"process {rank}: " if rank.isdigit() and world.isdigit() and int(world) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``pvae`` with ``argv`` (default: the process's arguments); returns the exit status."""
     try:
@@ -99,5 +105,5 @@ def main(argv: list[str] | None = None) -> int:
         message = _one_line(error)
         if not isinstance(error, _EXPECTED):
             message = f"{message} (an unexpected {type(error).__name__}; pvae --debug shows where)"
-        print(f"pvae: error: {message}", file=sys.stderr)
+        print(f"pvae: error: {_process()}{message}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1

@@ -149,12 +149,23 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def start_run(args, default_out: str):
     """Check ``--device`` and the output folder (``--out`` or ``default_out``) before any work, and seed
-    everything. A folder that already holds a run is used only with ``--resume`` or ``--overwrite``.
+    everything. A folder that already holds a run is used only with ``--resume`` or ``--overwrite``. Under
+    ``torchrun``, join the process group first (each process on its own device) and say so once per rank.
 
     Returns ``(device, out)``."""
+    from pvae.inference import distributed
     from pvae.utils import seed_everything
 
-    device = device_from_args(args)
+    if distributed.launched():
+        try:
+            device = distributed.setup(args.device)
+        except ValueError as error:
+            raise UsageError(f"--device: {error}") from None
+        print(
+            f"pvae: process {distributed.rank()} of {distributed.world_size()} on {device}", file=sys.stderr
+        )
+    else:
+        device = device_from_args(args)
     out = args.out or default_out
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
@@ -183,13 +194,19 @@ def write_history(history, path: str) -> None:
 def train_and_record(family, args, train_loader, test_loader, out: str, metadata: dict, **options):
     """Train ``family`` with the options every family shares (epochs, objective, learning rate and its
     decay, seed, progress, checkpoint in ``out``, ``--resume``/``--overwrite``/``--allow-changes``), write
-    ``out/history.json`` after every epoch and switch the family to evaluation mode. ``metadata`` joins
+    ``out/history.json`` after every epoch (rank 0 alone, under torchrun) and switch the family to
+    evaluation mode. ``metadata`` joins
     the checkpoint's record of the data; ``options`` go to :func:`pvae.inference.train`. Returns
     ``(history, checkpoint path)``."""
-    from pvae.inference import train
+    from pvae.inference import distributed, train
 
     checkpoint = os.path.join(out, "checkpoint.pt")
     history_path = os.path.join(out, "history.json")
+
+    def record(epoch, history):
+        if distributed.is_main_process():
+            write_history(history, history_path)
+
     history = train(
         family,
         train_loader,
@@ -205,7 +222,7 @@ def train_and_record(family, args, train_loader, test_loader, out: str, metadata
         seed=args.seed,
         progress=not args.json,
         metadata={"batch_size": args.batch_size} | metadata,
-        callback=lambda epoch, history: write_history(history, history_path),
+        callback=record,
         **options,
     )
     family.eval()

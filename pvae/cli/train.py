@@ -65,16 +65,21 @@ def _add_training_arguments(parser, objectives: tuple[str, ...]) -> None:
 
 
 def _run_train(args) -> int:
+    from pvae.inference import distributed
     from pvae.utils import torch_threads
 
     spec = registered_commands()[args.family]
     threads = spec.threads(args) if spec.threads is not None else None
-    with torch_threads(threads) if threads else contextlib.nullcontext():
-        return _train(args, spec)
+    try:
+        with torch_threads(threads) if threads else contextlib.nullcontext():
+            return _train(args, spec)
+    finally:
+        distributed.teardown()
 
 
 def _train(args, spec) -> int:
     from pvae.family import build_family, family_class
+    from pvae.inference import distributed
 
     device, out = start_run(args, os.path.join("runs", args.family))
     data = spec.data(args, device)
@@ -88,6 +93,8 @@ def _train(args, spec) -> int:
     history, checkpoint = train_and_record(
         family, args, data.train_loader, data.test_loader, out, data.metadata, **options
     )
+    if not distributed.is_main_process():
+        return 0  # rank 0 draws the pictures and reports
     pictures = spec.pictures(family, data, history, out, args) if spec.pictures is not None else {}
     fields = spec.summary(family, data, history, args) if spec.summary is not None else {}
     summary = run_summary(history, checkpoint, pictures, family=args.family, **fields)
