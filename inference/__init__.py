@@ -3,6 +3,7 @@
 Nothing here imports a concrete family: exact quantities come in as callables.
 """
 
+from pvae.inference import distributed
 from pvae.inference.compare import Comparison, SiteDensities, compare
 from pvae.inference.diagnostics import (
     KHAT_GOOD,
@@ -40,6 +41,7 @@ __all__ = [
     "SVIStep",
     "SiteDensities",
     "compare",
+    "distributed",
     "ecdf_band",
     "estimator_spread",
     "evaluate_log_likelihood",

@@ -96,16 +96,18 @@ def _first_stage(family, args, data: RunData, out: str) -> None:
     import argparse
 
     from pvae.checkpoint import load_checkpoint, restore_family
+    from pvae.inference.distributed import from_main_process
 
     stage = RECIPES[args.recipe]
     first = os.path.join(out, "autoencoder")
-    if args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
+    # under torchrun the files are rank 0's: every process learns what rank 0 finds
+    if args.resume and from_main_process(lambda: os.path.exists(os.path.join(out, "checkpoint.pt"))):
         family.set_stage(stage)  # the second stage's checkpoint restores every weight and the scale
         return
     saved = os.path.join(first, "checkpoint.pt")
     finished = False
-    if args.resume and os.path.exists(saved):
-        checkpoint = load_checkpoint(saved)
+    if args.resume and from_main_process(lambda: os.path.exists(saved)):
+        checkpoint = from_main_process(lambda: load_checkpoint(saved))
         finished = checkpoint["epoch"] >= args.autoencoder_epochs
         if finished:
             restore_family(family, checkpoint, device=family.device)
