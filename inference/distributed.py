@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_rows",
     "all_reduce_sum",
     "average_gradients",
     "broadcast_module",
@@ -170,6 +171,24 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
             size = grad.numel()
             param.grad = flat[offset : offset + size].view_as(param).clone()
             offset += size
+
+
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (R_r, ...), concatenated in rank order (ranks may hold different
+    numbers of rows); the tensor itself in one process."""
+    world = world_size()
+    if world == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = max(int(c) for c in counts)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)])
 
 
 @torch.no_grad()

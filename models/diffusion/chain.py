@@ -24,8 +24,11 @@ from them — e.g. a latent diffusion model whose prior over z is a chain with `
   the sampler's ``scale``.
 - Time samplers return a :class:`TimeDraw` (timesteps and the scale of the x_prev term):
   :func:`plate_timesteps` (one t per call by ``pyro.plate("time", T, subsample…)``, scaled by T by the
-  plate) and :func:`per_datum_timesteps` (one t per datum, scale T). Importance sampling of t (DESIGN.md)
-  is the plate sampler with ``subsample=`` drawn indices and ``scale=1/(T·p_t)``.
+  plate), :func:`per_datum_timesteps` (one t per datum, scale T), :func:`stratified_timesteps` (one t
+  per datum, the batch's draws spread over T strata, scale T) and :func:`importance_timesteps` (one t per
+  datum drawn with probabilities p_t, scale 1/p_t: the time plate subsampled with a non-uniform proposal,
+  unbiased for every p). Each draws at a masked site ``"t"`` in model and guide alike, so the guide's draw
+  is replayed in the model and scores nothing.
 
 :func:`elbo_terms` evaluates the per-timestep terms of −ELBO in closed form (given one draw of x_t), batched
 over t, with the same formulas and the same KL as ``TraceMeanField_ELBO`` uses.
@@ -56,6 +59,7 @@ __all__ = [
     "forward_marginal",
     "forward_pair",
     "forward_posterior",
+    "importance_timesteps",
     "per_datum_timesteps",
     "plate_timesteps",
     "posterior_mean",
@@ -65,6 +69,7 @@ __all__ = [
     "reverse_mean",
     "reverse_pair",
     "reverse_step",
+    "stratified_timesteps",
 ]
 
 DECODERS = ("gaussian", "discretized")
@@ -232,6 +237,31 @@ def per_datum_timesteps(timesteps: int, *, like: torch.Tensor, name: str = "t") 
     return TimeDraw(u.detach().floor().long().clamp(0, timesteps - 1) + 1, float(timesteps))
 
 
+def stratified_timesteps(timesteps: int, *, like: torch.Tensor, name: str = "t") -> TimeDraw:
+    """One timestep per datum, stratified over the batch: the N data get the strata [kT/N, (k+1)T/N) in a
+    random order, u uniform within its stratum at the masked site ``name``, t = ⌊u⌋ + 1. Each datum's t is
+    uniform on {1, …, T} (scale T, unbiased as :func:`per_datum_timesteps`), and a batch covers the
+    timesteps evenly, which lowers the variance of the batch's sum."""
+    count = like.shape[0]
+    order = torch.randperm(count, device=like.device).to(like.dtype)
+    width = float(timesteps) / count
+    low = order * width
+    u = pyro.sample(name, dist.Uniform(low, low + width).mask(False))
+    return TimeDraw(u.detach().floor().long().clamp(0, timesteps - 1) + 1, float(timesteps))
+
+
+def importance_timesteps(probs: torch.Tensor, *, like: torch.Tensor, name: str = "t") -> TimeDraw:
+    """One timestep per datum drawn with probabilities ``probs`` (T,) (by the inverse CDF of u ~ U(0, 1) at
+    the masked site ``name``), its x_prev term scaled by 1/p_t, so that E_t[L_t/p_t] = Σ_t L_t whatever p
+    (all p_t > 0): Improved DDPM's importance sampling of the time plate (Nichol & Dhariwal 2021, §3.3)."""
+    # t by the inverse CDF of a uniform draw: the site stays reparameterizable, as TraceMeanField_ELBO needs
+    probs = probs.to(like.dtype)
+    uniform = dist.Uniform(like.new_zeros(()), like.new_ones(())).expand(like.shape[:1])
+    u = pyro.sample(name, uniform.mask(False)).detach()
+    index = torch.searchsorted(torch.cumsum(probs, 0), u, right=True).clamp(max=probs.shape[0] - 1)
+    return TimeDraw(index + 1, 1.0 / probs[index])
+
+
 def reverse_pair(
     denoiser: Denoiser,
     schedule: DiffusionSchedule,
@@ -242,14 +272,23 @@ def reverse_pair(
     scale: float | torch.Tensor = 1.0,
     decoder: str = "gaussian",
     prefix: str = "x",
+    on_term: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Model half of the time-subsampled pair: ``f"{prefix}_t"`` (masked) and ``f"{prefix}_prev"`` ~
-    p_θ(x_{t−1} | x_t), the decoder at t = 1, its log density scaled by ``scale``. Returns x_prev."""
+    p_θ(x_{t−1} | x_t), the decoder at t = 1, its log density scaled by ``scale``. Returns x_prev.
+
+    ``on_term(t, term)``, when given, receives the timesteps and each datum's unscaled term of −ELBO in
+    closed form given x_t (L_{t−1}, as :func:`elbo_terms` computes it; detached), e.g. for the history of
+    an importance sampler."""
     marginal = forward_marginal(schedule, x0, t, event_dims).to_event(event_dims)
     x_t = pyro.sample(f"{prefix}_t", marginal.mask(False))
     eps = denoiser(x_t, t)
+    kernel = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
+    if on_term is not None:
+        with torch.no_grad():
+            posterior = forward_posterior(schedule, x_t, x0, t, event_dims)
+            on_term(t, sum_rightmost(kl_divergence(posterior, kernel), event_dims))
     with poutine.scale(scale=scale):
-        kernel = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
         return pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
 
 

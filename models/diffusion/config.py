@@ -13,7 +13,7 @@ from pvae.models.diffusion.schedules import REVERSE_VARIANCES, SCHEDULES, check_
 __all__ = ["OBJECTIVES", "TIME_SAMPLING", "DDPMConfig", "checked_config"]
 
 OBJECTIVES = ("elbo", "meanfield", "simple")
-TIME_SAMPLING = ("plate", "per_datum")
+TIME_SAMPLING = ("plate", "per_datum", "stratified", "importance")
 
 
 @dataclass

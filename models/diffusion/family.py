@@ -12,7 +12,12 @@ Sites (inside ``pyro.plate("data", N)``, each with ``.to_event(len(data_shape))`
   (the decoder at t = 1); the constant L_T enters through ``pyro.factor("prior_kl", −L_T)``. Under
   Trace_ELBO its expectation is the full chain's ELBO. With ``time_sampling="per_datum"`` each datum gets
   its own timestep (DDPM's Algorithm 1): u ~ Uniform(0, T) at a masked site ``"t"``, t = ⌊u⌋ + 1, the x_prev
-  term scaled by T. Same expectation; one batch covers many timesteps.
+  term scaled by T. Same expectation; one batch covers many timesteps. ``"stratified"`` spreads a batch's
+  per-datum draws over T strata; ``"importance"`` draws t with p_t ∝ √E[L_t²] and scales by 1/p_t
+  (Improved DDPM, Nichol & Dhariwal 2021: the last :data:`TERM_HISTORY` values of each L_t, kept in the
+  buffers ``term_history``/``term_counts`` so a checkpoint resumes the sampler exactly; uniform until
+  every t has them, mixed with :data:`UNIFORM_SHARE` of the uniform distribution). All are unbiased for
+  the full chain's ELBO.
 
 Objectives (:meth:`DDPM.svi_program`): ``"elbo"`` — the subsampled pair with Trace_ELBO; ``"meanfield"``
 — the same pair with TraceMeanField_ELBO (the per-step KL in closed form given x_t: the same ELBO, less
@@ -43,25 +48,30 @@ from pvae.checks import check_int
 from pvae.data import check_model_space
 from pvae.denoisers import default_denoiser
 from pvae.family import Family, data_plate, register_family
+from pvae.inference import distributed
 from pvae.models.diffusion.chain import (
     TimeDraw,
     elbo_terms,
     forward_chain,
     forward_pair,
+    importance_timesteps,
     per_datum_timesteps,
     plate_timesteps,
     prior_kl,
     reverse_chain,
     reverse_pair,
+    stratified_timesteps,
 )
 from pvae.models.diffusion.config import OBJECTIVES, DDPMConfig, checked_config
 from pvae.models.diffusion.sampling import sample_chain
 from pvae.models.diffusion.schedules import DiffusionSchedule
 from pvae.utils import bits_per_dim, check_finite
 
-__all__ = ["DDPM", "WarmupEMA"]
+__all__ = ["DDPM", "TERM_HISTORY", "UNIFORM_SHARE", "WarmupEMA"]
 
 WEIGHTINGS = ("elbo", "simple")
+TERM_HISTORY = 10  # values of each L_t the importance sampler keeps (Improved DDPM's choice)
+UNIFORM_SHARE = 0.001  # share of the uniform distribution in the importance sampler's p_t
 
 
 class WarmupEMA:
@@ -102,7 +112,10 @@ class DDPM(Family):
     :param num_blocks: residual blocks of the default MLP denoiser.
     :param channels: channel widths per level of the default U-Net.
     :param time_sampling: how the subsampled pair draws timesteps: ``"plate"`` — one t per call for the
-        whole batch, by ``pyro.plate("time", T, subsample_size=1)``; ``"per_datum"`` — one t per datum.
+        whole batch, by ``pyro.plate("time", T, subsample_size=1)``; ``"per_datum"`` — one t per datum;
+        ``"stratified"`` — one per datum, a batch's spread over T strata; ``"importance"`` — one per datum
+        with p_t ∝ √E[L_t²] from the history of the terms (see the module docstring; the eager engine
+        updates the history after every step, in :meth:`after_step`).
     :param name: prefix in Pyro's param store (default: unique).
     """
 
@@ -159,6 +172,11 @@ class DDPM(Family):
         if self.ema_decay > 0:
             self.ema = AveragedModel(denoiser, multi_avg_fn=WarmupEMA(self.ema_decay))
             self.ema.requires_grad_(False)  # an average, not a parameter: invisible to optimizers
+        self._pending_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.time_sampling == "importance":
+            device = self.schedule.sigma.device
+            self.register_buffer("term_history", torch.zeros(timesteps, TERM_HISTORY, device=device))
+            self.register_buffer("term_counts", torch.zeros(timesteps, dtype=torch.long, device=device))
 
     @property
     def timesteps(self) -> int:
@@ -270,10 +288,47 @@ class DDPM(Family):
             subsample = None if timestep is None else torch.tensor([timestep - 1], device=x0.device)
             with plate_timesteps(self.timesteps, device=x0.device, subsample=subsample) as draw:
                 yield draw
-        elif timestep is None:
-            yield per_datum_timesteps(self.timesteps, like=x0)
-        else:
+        elif timestep is not None:
             yield TimeDraw(self.schedule.timestep(timestep), float(self.timesteps))
+        elif self.time_sampling == "per_datum":
+            yield per_datum_timesteps(self.timesteps, like=x0)
+        elif self.time_sampling == "stratified":
+            yield stratified_timesteps(self.timesteps, like=x0)
+        else:
+            yield importance_timesteps(self.timestep_probs(), like=x0)
+
+    # ---- the importance sampler's history --------------------------------------------------------------
+    def timestep_probs(self) -> torch.Tensor:
+        """p_t, t = 1 … T, shape (T,): the time sampler's probabilities. For ``"importance"``:
+        p_t ∝ √(mean of the last :data:`TERM_HISTORY` values of L_t²), mixed with :data:`UNIFORM_SHARE` of
+        the uniform distribution, and uniform until every t has its history; otherwise uniform."""
+        uniform = torch.full((self.timesteps,), 1.0 / self.timesteps, device=self.device)
+        if self.time_sampling != "importance" or bool((self.term_counts < TERM_HISTORY).any()):
+            return uniform
+        weights = self.term_history.square().mean(1).sqrt()
+        total = weights.sum()
+        if not bool(torch.isfinite(total)) or float(total) <= 0:
+            return uniform
+        return (1 - UNIFORM_SHARE) * weights / total + UNIFORM_SHARE * uniform
+
+    @torch.no_grad()
+    def record_terms(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        """Add observed values of the terms L_{t−1} (one per entry of ``t``, in 1 … T) to the importance
+        sampler's history, keeping the last :data:`TERM_HISTORY` of each t (in the order given)."""
+        index = (t.reshape(-1) - 1).long()
+        values = terms.reshape(-1).to(self.term_history.dtype)
+        index, order = torch.sort(index, stable=True)
+        values = values[order]
+        in_batch = torch.bincount(index, minlength=self.timesteps)
+        first = torch.cumsum(in_batch, 0) - in_batch
+        occurrence = torch.arange(len(index), device=index.device) - first[index]
+        keep = occurrence >= in_batch[index] - TERM_HISTORY  # the last TERM_HISTORY of each t
+        slot = (self.term_counts[index] + occurrence) % TERM_HISTORY
+        self.term_history[index[keep], slot[keep]] = values[keep]
+        self.term_counts += in_batch
+
+    def _observe_terms(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        self._pending_terms = (t.reshape(-1), terms.reshape(-1))
 
     def _term_scale(self, draw: TimeDraw, weighting: str, x0: torch.Tensor):
         """Scale of the x_prev term (model *and* guide): the sampler's for the ELBO, divided by T·w_t for
@@ -323,6 +378,7 @@ class DDPM(Family):
                 with poutine.scale(scale=scale):
                     pyro.factor("kl_constant", constant)
                 decoder = "gaussian"  # L_simple replaces the decoder by its Gaussian density
+            observe = self.training and timestep is None and self.time_sampling == "importance"
             reverse_pair(
                 self.denoiser,
                 self.schedule,
@@ -332,6 +388,7 @@ class DDPM(Family):
                 scale=scale,
                 decoder=decoder,
                 prefix=prefix,
+                on_term=self._observe_terms if observe else None,
             )
 
     def guide_subsampled(
@@ -390,8 +447,15 @@ class DDPM(Family):
     # ---- EMA -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self) -> None:
-        """Update the EMA of the denoiser's weights (no-op when ``ema_decay`` is 0): the first update copies
-        them, the (n + 1)-th sets ema ← d·ema + (1 − d)·θ with d = min(ema_decay, (1 + n)/(10 + n))."""
+        """After an optimizer step: add the step's terms to the importance sampler's history (gathered from
+        every process, in rank order, when training is distributed), and update the EMA of the denoiser's
+        weights (no-op when ``ema_decay`` is 0): the first update copies them, the (n + 1)-th sets
+        ema ← d·ema + (1 − d)·θ with d = min(ema_decay, (1 + n)/(10 + n))."""
+        if self._pending_terms is not None:
+            t, terms = self._pending_terms
+            self._pending_terms = None
+            rows = distributed.all_gather_rows(torch.stack([t.to(torch.float64), terms.to(torch.float64)], 1))
+            self.record_terms(rows[:, 0].round().long(), rows[:, 1])
         if self.ema is not None:
             self.ema.update_parameters(self.denoiser)
 

@@ -27,10 +27,12 @@ from pvae.models.diffusion import DDPM
 from pvae.models.vae import VAE
 
 
-def _family(name: str):
+def _family(name: str, time_sampling: str):
     if name == "vae":
         return VAE(x_dim=64, z_dim=4, hidden_dim=32)
-    return DDPM(data_shape=(2,), timesteps=20, hidden_dim=32, num_blocks=1, ema_decay=0.9)
+    return DDPM(
+        data_shape=(2,), timesteps=20, hidden_dim=32, num_blocks=1, ema_decay=0.9, time_sampling=time_sampling
+    )
 
 
 def _data(name: str, n: int) -> torch.Tensor:
@@ -43,7 +45,7 @@ def _data(name: str, n: int) -> torch.Tensor:
 
 def _train(args, rank: int) -> dict:
     pvae.utils.seed_everything(0)
-    family = _family(args.family)
+    family = _family(args.family, args.time_sampling)
     steps = [0]
 
     def hook():
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--family", default="vae", choices=("vae", "ddpm"))
     parser.add_argument("--engine", default="eager")
+    parser.add_argument("--time-sampling", default="per_datum")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--num-data", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=100)

@@ -141,13 +141,15 @@ def test_vae_with_the_trace_engine_keeps_ranks_equal_and_trains_like_one_process
     assert abs(history_two["test_elbo"][-1] - history_one["test_elbo"][-1]) < 5 * noise + 0.5
 
 
-def test_ddpm_keeps_denoiser_and_ema_equal_on_every_rank(tmp_path):
-    done = _worker("train", tmp_path, "--family", "ddpm")
+def test_ddpm_keeps_denoiser_ema_and_timestep_history_equal_on_every_rank(tmp_path):
+    done = _worker("train", tmp_path, "--family", "ddpm", "--time-sampling", "importance")
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = _ranks(tmp_path)
     _assert_ranks_equal(ranks)
     assert any(key.startswith("ema.") for key in ranks[0]["state"])
     assert int(ranks[0]["state"]["ema.n_averaged"]) == 8  # 2 epochs of 4 global batches
+    # the importance sampler's history gathers both ranks' terms: every datum of the 2 epochs
+    assert int(ranks[0]["state"]["term_counts"].sum()) == 2 * 400
 
 
 @pytest.mark.parametrize("engine", ["eager", "trace"])
