@@ -45,11 +45,13 @@ from pvae.checks import check_choice, check_int
 from pvae.family import Family, data_plate, register_family
 from pvae.models.ae import FlatPrior
 from pvae.models.diffusion import DDPM, forward_chain, reverse_chain
-from pvae.models.diffusion.config import OBJECTIVES, TIME_SAMPLING
+from pvae.models.diffusion.config import TIME_SAMPLING
 from pvae.models.vae import ARCHITECTURES, LIKELIHOODS, VAE
 from pvae.utils import bits_per_dim
 
 __all__ = ["STAGES", "LatentDiffusion", "LatentDiffusionConfig"]
+
+OBJECTIVES = ("elbo", "meanfield", "simple")  # of the prior's chain, whose variances are fixed
 
 #: What :meth:`LatentDiffusion.svi_program` trains: the VAE alone, the prior alone, or both.
 STAGES = ("autoencoder", "prior", "joint")
@@ -246,7 +248,7 @@ class LatentDiffusion(Family):
     def svi_program(self, objective: str = "elbo"):
         """(model, guide, loss) for ``objective`` (``"elbo"``, ``"meanfield"`` or ``"simple"``) at the
         current :attr:`stage`; in stage ``"autoencoder"`` the VAE's own pair (N(0, I) prior)."""
-        check_choice("objective", objective, OBJECTIVES)
+        check_choice("objective", objective, OBJECTIVES)  # not "hybrid": the prior's variances are fixed
         loss = Trace_ELBO() if objective == "elbo" else TraceMeanField_ELBO()
         if self.stage == "autoencoder":
             if objective == "simple":

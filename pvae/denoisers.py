@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from pvae.checks import check_int
 
-__all__ = ["MLPDenoiser", "UNetDenoiser", "default_denoiser", "sinusoidal_embedding"]
+__all__ = ["MLPDenoiser", "UNetDenoiser", "VarianceHead", "default_denoiser", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -90,13 +90,21 @@ class MLPDenoiser(nn.Module):
     :param hidden_dim: width of the blocks.
     :param num_blocks: number of residual blocks.
     :param time_dim: width of the time embedding (even).
+    :param outputs: values per data entry: 1 (ε), or 2 (ε and v, split by :class:`VarianceHead`).
     """
 
     def __init__(
-        self, data_dim: int, timesteps: int = 1000, hidden_dim: int = 128, num_blocks: int = 3, time_dim=64
+        self,
+        data_dim: int,
+        timesteps: int = 1000,
+        hidden_dim: int = 128,
+        num_blocks: int = 3,
+        time_dim=64,
+        outputs: int = 1,
     ):
         super().__init__()
         self.data_dim = check_int("data_dim", data_dim)
+        check_int("outputs", outputs, 1, 2)
         check_int("timesteps", timesteps)
         check_int("hidden_dim", hidden_dim)
         check_int("num_blocks", num_blocks)
@@ -114,12 +122,14 @@ class MLPDenoiser(nn.Module):
             )
             for _ in range(num_blocks)
         )
-        self.output = nn.Linear(hidden_dim, data_dim)
+        self.output = nn.Linear(hidden_dim, outputs * data_dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        """:param x: (..., D). :param t: timesteps broadcastable to x.shape[:-1]. :returns: (..., D)."""
+        """:param x: (..., D). :param t: timesteps broadcastable to x.shape[:-1].
+
+        :returns: (..., outputs·D)."""
         _check_input(x, (self.data_dim,))
         dtype = self.input.weight.dtype
         inputs = x.to(dtype)
@@ -129,7 +139,7 @@ class MLPDenoiser(nn.Module):
         for block in self.blocks:
             inner = block["inner"](F.silu(h)) + block["time"](embedding)
             h = h + block["outer"](F.silu(inner))
-        return self.output(F.silu(h)).to(x.dtype)  # (..., D)
+        return self.output(F.silu(h)).to(x.dtype)  # (..., outputs·D)
 
 
 def _groups(channels: int, preferred: int = 8) -> int:
@@ -168,6 +178,8 @@ class UNetDenoiser(nn.Module):
     :param timesteps: T (times are rescaled to 0 … 1000).
     :param channels: channel widths per level.
     :param time_dim: width of the time embedding (even).
+    :param outputs: values per data entry: 1 (ε), or 2 (ε and v on 2C channels, split by
+        :class:`VarianceHead`).
     """
 
     def __init__(
@@ -176,8 +188,10 @@ class UNetDenoiser(nn.Module):
         timesteps: int = 1000,
         channels: Sequence[int] = (32, 64),
         time_dim: int = 128,
+        outputs: int = 1,
     ):
         super().__init__()
+        check_int("outputs", outputs, 1, 2)
         image_shape = tuple(int(size) for size in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
@@ -210,12 +224,13 @@ class UNetDenoiser(nn.Module):
             self.up_blocks.append(ResidualBlock(2 * level_width, level_width, time_dim))
             width = level_width
         self.output_norm = nn.GroupNorm(_groups(width), width)
-        self.output = nn.Conv2d(width, image_shape[0], 3, padding=1)
+        self.output = nn.Conv2d(width, outputs * image_shape[0], 3, padding=1)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        """:param x: (..., C, H, W). :param t: timesteps broadcastable to x.shape[:-3]. :returns: like x."""
+        """:param x: (..., C, H, W). :param t: timesteps broadcastable to x.shape[:-3]. :returns:
+        (..., outputs·C, H, W)."""
         _check_input(x, self.image_shape)
         batch_shape = x.shape[:-3]
         dtype = self.input.weight.dtype
@@ -233,25 +248,54 @@ class UNetDenoiser(nn.Module):
         for upsample, block in zip(self.upsamples, self.up_blocks):
             h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # double resolution
             h = block(torch.cat([h, skips.pop()], dim=1), embedding)
-        out = self.output(F.silu(self.output_norm(h)))  # (B, C, H, W)
-        return out.reshape(x.shape).to(x.dtype)
+        out = self.output(F.silu(self.output_norm(h)))  # (B, outputs·C, H, W)
+        return out.reshape(*batch_shape, *out.shape[1:]).to(x.dtype)
 
 
-def default_denoiser(data_shape: Sequence[int], timesteps: int, **options) -> nn.Module:
-    """The default ε-network for ``data_shape``: an MLP for (D,), a U-Net for (C, H, W).
+class VarianceHead(nn.Module):
+    """A network with two outputs per data entry, returned as the pair (ε, v): the noise prediction and the
+    reverse variance's interpolation value (Improved DDPM; see
+    :func:`pvae.models.diffusion.chain.learned_log_variance`).
+
+    :param network: ``network(x, t)`` of shape (..., 2·d_1, d_2, …) for x of shape (..., d_1, d_2, …).
+    :param event_dims: number of trailing dimensions of one datum.
+    """
+
+    def __init__(self, network: nn.Module, event_dims: int):
+        super().__init__()
+        self.network = network
+        self.event_dims = check_int("event_dims", event_dims)
+
+    def forward(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        eps, v = self.network(x, t).chunk(2, dim=-self.event_dims)
+        return eps, v
+
+
+def default_denoiser(
+    data_shape: Sequence[int], timesteps: int, *, learned_variance: bool = False, **options
+) -> nn.Module:
+    """The default ε-network for ``data_shape``: an MLP for (D,), a U-Net for (C, H, W); with
+    ``learned_variance``, the same network with twice the outputs behind a :class:`VarianceHead`.
 
     :param options: ``hidden_dim``/``num_blocks`` for the MLP, ``channels`` for the U-Net.
     """
     data_shape = tuple(data_shape)
+    outputs = 2 if learned_variance else 1
     if len(data_shape) == 1:
-        return MLPDenoiser(
+        network = MLPDenoiser(
             data_shape[0],
             timesteps,
             hidden_dim=options.get("hidden_dim", 128),
             num_blocks=options.get("num_blocks", 3),
+            outputs=outputs,
         )
-    if len(data_shape) == 3:
-        return UNetDenoiser(data_shape, timesteps, channels=options.get("channels", (32, 64)))
+    elif len(data_shape) == 3:
+        channels = options.get("channels", (32, 64))
+        network = UNetDenoiser(data_shape, timesteps, channels=channels, outputs=outputs)
+    else:
+        network = None
+    if network is not None:
+        return VarianceHead(network, len(data_shape)) if learned_variance else network
     raise ValueError(
         f"there is no default denoiser for data_shape {data_shape}: use (D,) or (C, H, W), or pass denoiser="
     )

@@ -7,7 +7,9 @@ the number of trailing event dimensions of the values):
 - :func:`forward_posterior` q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I), the point mass at x_0 where t = 1
   (Eq. 6–7), with mean :func:`posterior_mean`;
 - :func:`reverse_step` p_θ(x_{t−1} | x_t) = N(μ_θ, σ_t² I), the decoder where t = 1, with mean
-  :func:`reverse_mean` μ_θ = (x_t − β_t/√(1−ᾱ_t)·ε_θ)/√α_t (Eq. 11);
+  :func:`reverse_mean` μ_θ = (x_t − β_t/√(1−ᾱ_t)·ε_θ)/√α_t (Eq. 11) and σ_t² fixed, or learned:
+  :func:`learned_log_variance` (Improved DDPM Eq. 15) from the second output of a network that predicts
+  (ε, v) (:func:`split_output`);
 - :func:`predicted_x0` x̂_0 = (x_t − √(1−ᾱ_t) ε_θ)/√ᾱ_t, and :func:`prior_kl` L_T = KL(q(x_T | x_0) ‖ N(0, I)).
 
 **Sub-programs** run inside the caller's plates (they open none of their own except the time plate of
@@ -60,6 +62,7 @@ __all__ = [
     "forward_pair",
     "forward_posterior",
     "importance_timesteps",
+    "learned_log_variance",
     "per_datum_timesteps",
     "plate_timesteps",
     "posterior_mean",
@@ -69,6 +72,7 @@ __all__ = [
     "reverse_mean",
     "reverse_pair",
     "reverse_step",
+    "split_output",
     "stratified_timesteps",
 ]
 
@@ -120,13 +124,49 @@ def reverse_mean(
     )
 
 
+def split_output(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A denoiser's output as (ε, v): ε alone from an ε-network (v None), the pair from a network that also
+    predicts the reverse variances (:class:`pvae.denoisers.VarianceHead`)."""
+    if isinstance(output, tuple):
+        return output
+    return output, None
+
+
+def learned_log_variance(schedule: DiffusionSchedule, v, t, event_dims: int) -> torch.Tensor:
+    """log σ_t² = w log β_t + (1 − w) log β̃_t with w = (v + 1)/2 (Improved DDPM Eq. 15, v = 0 the midpoint
+    in log space), β̃_1 replaced by β̃_2 (β̃_1 = 0): the network's v interpolates between the two fixed
+    choices, per entry."""
+    w = (v + 1) / 2
+    return w * schedule.coef("log_beta", t, v, event_dims) + (1 - w) * schedule.coef(
+        "log_beta_tilde_clipped", t, v, event_dims
+    )
+
+
 def reverse_step(
-    schedule: DiffusionSchedule, x_t, t, eps, event_dims: int, *, decoder: str = "gaussian"
+    schedule: DiffusionSchedule,
+    x_t,
+    t,
+    output,
+    event_dims: int,
+    *,
+    decoder: str = "gaussian",
+    fixed_variance: bool = False,
+    detach_mean: bool = False,
 ) -> dist.Normal | ReverseStep:
     """p_θ(x_{t−1} | x_t) = N(μ_θ, σ_t² I); with ``decoder="discretized"``, DDPM's discretized decoder
-    (Eq. 13) where t = 1 (σ_1² = β_1 there either way)."""
-    mean = reverse_mean(schedule, x_t, t, eps, event_dims)
-    scale = schedule.coef("sigma", t, x_t, event_dims)
+    (Eq. 13) where t = 1.
+
+    :param output: the denoiser's output: ε (fixed σ_t², σ_1² = β_1), or (ε, v) (σ_t² learned, at every t).
+    :param fixed_variance: use the schedule's fixed σ_t² even when the network predicts v (L_simple).
+    :param detach_mean: stop the gradient through μ_θ (the ELBO term of Improved DDPM's hybrid objective,
+        which trains the variances only).
+    """
+    eps, v = split_output(output)
+    mean = reverse_mean(schedule, x_t, t, eps.detach() if detach_mean else eps, event_dims)
+    if v is None or fixed_variance:
+        scale = schedule.coef("sigma", t, x_t, event_dims)
+    else:
+        scale = torch.exp(0.5 * learned_log_variance(schedule, v, t, event_dims))
     if decoder == "discretized":
         return ReverseStep(mean, scale, (t == 1).view(*t.shape, *(1,) * event_dims))
     return dist.Normal(mean, scale)
@@ -171,9 +211,9 @@ def reverse_chain(
     x = pyro.sample(f"{prefix}_{schedule.timesteps}", noise.to_event(event_dims))
     for step in range(schedule.timesteps, 0, -1):
         t = schedule.timestep(step)
-        eps = denoiser(x, t)
+        output = denoiser(x, t)
         last = decoder if step == 1 else "gaussian"  # the decoder only ever applies at t = 1
-        kernel = reverse_step(schedule, x, t, eps, event_dims, decoder=last).to_event(event_dims)
+        kernel = reverse_step(schedule, x, t, output, event_dims, decoder=last).to_event(event_dims)
         x = pyro.sample(f"{prefix}_{step - 1}", kernel, obs=obs if step == 1 else None)
     return x
 
@@ -272,24 +312,40 @@ def reverse_pair(
     scale: float | torch.Tensor = 1.0,
     decoder: str = "gaussian",
     prefix: str = "x",
+    fixed_variance: bool = False,
+    vlb: tuple[float | torch.Tensor, str] | None = None,
     on_term: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Model half of the time-subsampled pair: ``f"{prefix}_t"`` (masked) and ``f"{prefix}_prev"`` ~
     p_θ(x_{t−1} | x_t), the decoder at t = 1, its log density scaled by ``scale``. Returns x_prev.
 
-    ``on_term(t, term)``, when given, receives the timesteps and each datum's unscaled term of −ELBO in
-    closed form given x_t (L_{t−1}, as :func:`elbo_terms` computes it; detached), e.g. for the history of
-    an importance sampler."""
+    :param fixed_variance: the x_prev step with the schedule's fixed σ_t² (see :func:`reverse_step`).
+    :param vlb: ``(scale, decoder)`` of a second term, Improved DDPM's hybrid objective: site
+        ``f"{prefix}_prev_vlb"`` under the step with the learned variances and the mean's gradient stopped.
+    :param on_term: receives the timesteps and each datum's unscaled term of −ELBO in closed form given
+        x_t (L_{t−1}, as :func:`elbo_terms` computes it, under the variances the ELBO uses; detached), e.g.
+        for the history of an importance sampler.
+    """
     marginal = forward_marginal(schedule, x0, t, event_dims).to_event(event_dims)
     x_t = pyro.sample(f"{prefix}_t", marginal.mask(False))
-    eps = denoiser(x_t, t)
-    kernel = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
+    output = denoiser(x_t, t)
+    kernel = reverse_step(
+        schedule, x_t, t, output, event_dims, decoder=decoder, fixed_variance=fixed_variance
+    )
+    vlb_kernel = None
+    if vlb is not None:
+        vlb_kernel = reverse_step(schedule, x_t, t, output, event_dims, decoder=vlb[1], detach_mean=True)
     if on_term is not None:
         with torch.no_grad():
             posterior = forward_posterior(schedule, x_t, x0, t, event_dims)
-            on_term(t, sum_rightmost(kl_divergence(posterior, kernel), event_dims))
+            scored = kernel if vlb_kernel is None else vlb_kernel
+            on_term(t, sum_rightmost(kl_divergence(posterior, scored), event_dims))
     with poutine.scale(scale=scale):
-        return pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+        x_prev = pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+    if vlb_kernel is not None:
+        with poutine.scale(scale=vlb[0]):
+            pyro.sample(f"{prefix}_prev_vlb", vlb_kernel.to_event(event_dims))
+    return x_prev
 
 
 def forward_pair(
@@ -300,15 +356,21 @@ def forward_pair(
     *,
     scale: float | torch.Tensor = 1.0,
     prefix: str = "x",
+    vlb_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Guide half of the time-subsampled pair: ``f"{prefix}_t"`` ~ q(x_t | x_0) (masked), then
-    ``f"{prefix}_prev"`` ~ q(x_{t−1} | x_t, x_0) (x_0 itself at t = 1), scaled by ``scale``.
+    ``f"{prefix}_prev"`` ~ q(x_{t−1} | x_t, x_0) (x_0 itself at t = 1), scaled by ``scale`` — and, for the
+    hybrid objective (``vlb_scale``), ``f"{prefix}_prev_vlb"`` from the same q, scaled by ``vlb_scale``.
     Returns x_prev."""
     marginal = forward_marginal(schedule, x0, t, event_dims).to_event(event_dims)
     x_t = pyro.sample(f"{prefix}_t", marginal.mask(False))
+    kernel = forward_posterior(schedule, x_t, x0, t, event_dims)
     with poutine.scale(scale=scale):
-        kernel = forward_posterior(schedule, x_t, x0, t, event_dims)
-        return pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+        x_prev = pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
+    if vlb_scale is not None:
+        with poutine.scale(scale=vlb_scale):
+            pyro.sample(f"{prefix}_prev_vlb", kernel.to_event(event_dims))
+    return x_prev
 
 
 # ---- the ELBO's terms in closed form -------------------------------------------------------------------
@@ -359,7 +421,7 @@ def _terms(denoiser, schedule, x0, times, event_dims, *, decoder, generator) -> 
     noise = torch.randn((times.shape[0], *x0.shape), generator=generator, dtype=x0.dtype, device=x0.device)
     marginal = forward_marginal(schedule, x0, t, event_dims)
     x_t = marginal.loc + marginal.scale * noise  # (c, N, *event)
-    eps = denoiser(x_t, t)
+    output = denoiser(x_t, t)
     posterior = forward_posterior(schedule, x_t, x0, t, event_dims)
-    model = reverse_step(schedule, x_t, t, eps, event_dims, decoder=decoder)
+    model = reverse_step(schedule, x_t, t, output, event_dims, decoder=decoder)
     return sum_rightmost(kl_divergence(posterior, model), event_dims)

@@ -10,9 +10,10 @@ from pvae.checks import check_choice, check_int
 from pvae.models.diffusion.chain import DECODERS
 from pvae.models.diffusion.schedules import REVERSE_VARIANCES, SCHEDULES, check_timesteps
 
-__all__ = ["OBJECTIVES", "TIME_SAMPLING", "DDPMConfig", "checked_config"]
+__all__ = ["HYBRID_WEIGHT", "OBJECTIVES", "TIME_SAMPLING", "DDPMConfig", "checked_config"]
 
-OBJECTIVES = ("elbo", "meanfield", "simple")
+OBJECTIVES = ("elbo", "meanfield", "simple", "hybrid")
+HYBRID_WEIGHT = 0.001  # λ of Improved DDPM's hybrid objective L_simple + λ·L_vlb
 TIME_SAMPLING = ("plate", "per_datum", "stratified", "importance")
 
 

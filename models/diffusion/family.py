@@ -62,14 +62,14 @@ from pvae.models.diffusion.chain import (
     reverse_pair,
     stratified_timesteps,
 )
-from pvae.models.diffusion.config import OBJECTIVES, DDPMConfig, checked_config
+from pvae.models.diffusion.config import HYBRID_WEIGHT, OBJECTIVES, DDPMConfig, checked_config
 from pvae.models.diffusion.sampling import sample_chain
 from pvae.models.diffusion.schedules import DiffusionSchedule
 from pvae.utils import bits_per_dim, check_finite
 
 __all__ = ["DDPM", "TERM_HISTORY", "UNIFORM_SHARE", "WarmupEMA"]
 
-WEIGHTINGS = ("elbo", "simple")
+WEIGHTINGS = ("elbo", "simple", "hybrid")
 TERM_HISTORY = 10  # values of each L_t the importance sampler keeps (Improved DDPM's choice)
 UNIFORM_SHARE = 0.001  # share of the uniform distribution in the importance sampler's p_t
 
@@ -100,7 +100,10 @@ class DDPM(Family):
     :param data_shape: shape of one datum in model space, e.g. (2,) or (1, 28, 28).
     :param timesteps: T ≥ 1.
     :param schedule: ``"linear"`` or ``"cosine"`` (see :func:`make_betas`).
-    :param reverse_variance: σ_t² for t ≥ 2: ``"beta"`` (β_t) or ``"beta_tilde"`` (β̃_t).
+    :param reverse_variance: σ_t² for t ≥ 2: ``"beta"`` (β_t) or ``"beta_tilde"`` (β̃_t); ``"learned"``:
+        the network predicts (ε, v) and σ_t² = exp(w log β_t + (1 − w) log β̃_t), w = (v + 1)/2, at every t
+        (Improved DDPM; trained by the ELBO objectives or ``"hybrid"``). A custom ``denoiser`` then returns
+        the pair (see :class:`pvae.denoisers.VarianceHead`).
     :param decoder: p_θ(x_0 | x_1): ``"gaussian"`` (continuous data) or ``"discretized"`` (8-bit images in
         model space, DDPM Eq. 13); default: discretized for (C, H, W) data, Gaussian otherwise.
     :param ema_decay: decay of the exponential moving average of the denoiser's weights, in [0, 1); 0 turns
@@ -160,6 +163,7 @@ class DDPM(Family):
             denoiser = default_denoiser(
                 self.data_shape,
                 timesteps,
+                learned_variance=self.learned_variance,
                 hidden_dim=hidden_dim,
                 num_blocks=num_blocks,
                 channels=self.config.channels,
@@ -182,6 +186,11 @@ class DDPM(Family):
     def timesteps(self) -> int:
         """T, the number of diffusion steps (the config's)."""
         return self.config.timesteps
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the network predicts the reverse variances (``reverse_variance="learned"``)."""
+        return self.config.reverse_variance == "learned"
 
     @property
     def time_sampling(self) -> str:
@@ -332,10 +341,14 @@ class DDPM(Family):
 
     def _term_scale(self, draw: TimeDraw, weighting: str, x0: torch.Tensor):
         """Scale of the x_prev term (model *and* guide): the sampler's for the ELBO, divided by T·w_t for
-        L_simple."""
+        L_simple (and the L_simple part of the hybrid objective)."""
         if weighting == "elbo":
             return draw.scale
         return draw.scale / (self.timesteps * self.schedule.coef("simple_weight", draw.t, x0))
+
+    def _vlb_scale(self, draw: TimeDraw, weighting: str):
+        """Scale of the hybrid objective's ELBO term (λ times the sampler's), None for the others."""
+        return HYBRID_WEIGHT * draw.scale if weighting == "hybrid" else None
 
     def model_subsampled(
         self,
@@ -372,7 +385,7 @@ class DDPM(Family):
         with self._timesteps(x0, timestep) as draw:
             scale = self._term_scale(draw, weighting, x0)
             decoder = self.decoder
-            if weighting == "simple":
+            if weighting in ("simple", "hybrid"):
                 # (−L_{t−1} + c_t)/(T w_t) per draw of t: T·that = −‖ε − ε_θ‖² (the plate scales by T)
                 constant = math.prod(self.data_shape) * self.schedule.coef("kl_constant", draw.t, x0)
                 with poutine.scale(scale=scale):
@@ -388,6 +401,8 @@ class DDPM(Family):
                 scale=scale,
                 decoder=decoder,
                 prefix=prefix,
+                fixed_variance=weighting != "elbo",
+                vlb=None if weighting != "hybrid" else (self._vlb_scale(draw, weighting), self.decoder),
                 on_term=self._observe_terms if observe else None,
             )
 
@@ -419,7 +434,10 @@ class DDPM(Family):
         self._check_weighting(weighting)
         with self._timesteps(x0, timestep) as draw:
             scale = self._term_scale(draw, weighting, x0)
-            forward_pair(self.schedule, x0, draw.t, self.event_dims, scale=scale, prefix=prefix)
+            vlb_scale = self._vlb_scale(draw, weighting)
+            forward_pair(
+                self.schedule, x0, draw.t, self.event_dims, scale=scale, prefix=prefix, vlb_scale=vlb_scale
+            )
 
     def svi_program(self, objective: str = "elbo"):
         """(model, guide, loss) to train with SVI for ``objective``:
@@ -429,6 +447,10 @@ class DDPM(Family):
           given x_t: the same ELBO, lower variance);
         - ``"simple"``: DDPM's L_simple = E_{t,ε}‖ε − ε_θ(x_t, t)‖² (Eq. 14), summed over data and dims.
           A reweighted objective, **not** an ELBO: the per-t ELBO term divided by T·w_t, constants removed.
+          It does not train learned variances (refused for ``reverse_variance="learned"``);
+        - ``"hybrid"``: Improved DDPM's L_simple + λ·L_vlb (λ = :data:`HYBRID_WEIGHT`), the ELBO term under
+          the learned variances with the mean's gradient stopped (a second site ``"x_prev_vlb"`` from the
+          same q): L_simple trains the mean, L_vlb the variances. Not an ELBO; needs learned variances.
 
         The ELBO weighs step t by w_t = β_t²/(2σ_t²α_t(1−ᾱ_t)). The cosine schedule clips β_T to 0.999, so
         w_T ≈ 1/(2α_T) = 500 per dimension dwarfs the other steps: train the ELBO objectives on the linear
@@ -438,9 +460,16 @@ class DDPM(Family):
             return self.model_subsampled, self.guide_subsampled, Trace_ELBO()
         if objective == "meanfield":
             return self.model_subsampled, self.guide_subsampled, TraceMeanField_ELBO()
-        if objective == "simple":
-            model = functools.partial(self.model_subsampled, weighting="simple")
-            guide = functools.partial(self.guide_subsampled, weighting="simple")
+        if objective in ("simple", "hybrid"):
+            if (objective == "simple") == self.learned_variance:
+                raise ValueError(
+                    "objective 'simple' does not train learned variances: use 'hybrid', 'elbo' or 'meanfield'"
+                    if self.learned_variance
+                    else "objective 'hybrid' trains learned variances: build the DDPM with "
+                    "reverse_variance='learned'"
+                )
+            model = functools.partial(self.model_subsampled, weighting=objective)
+            guide = functools.partial(self.guide_subsampled, weighting=objective)
             return model, guide, TraceMeanField_ELBO()
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 

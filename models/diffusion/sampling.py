@@ -14,7 +14,13 @@ from typing import NamedTuple
 import torch
 
 from pvae.checks import check_int
-from pvae.models.diffusion.chain import Denoiser, predicted_x0, reverse_mean
+from pvae.models.diffusion.chain import (
+    Denoiser,
+    learned_log_variance,
+    predicted_x0,
+    reverse_mean,
+    split_output,
+)
 from pvae.models.diffusion.schedules import DiffusionSchedule
 from pvae.utils import progress_bar
 
@@ -71,11 +77,16 @@ def ancestral_sample(
     steps = range(schedule.timesteps, 0, -1)
     for count, step in enumerate(progress_bar(steps, progress=progress, desc="sampling"), start=1):
         t = schedule.timestep(step)
-        eps = denoiser(x, t)
-        x = reverse_mean(schedule, x, t, eps, event_dims, clip_denoised=clip_denoised)
+        eps, v = split_output(denoiser(x, t))
+        mean = reverse_mean(schedule, x, t, eps, event_dims, clip_denoised=clip_denoised)
         if step > 1:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + schedule.coef("sigma", t, x, event_dims) * noise
+            if v is None:
+                scale = schedule.coef("sigma", t, x, event_dims)
+            else:  # the network's own σ_t (Improved DDPM)
+                scale = torch.exp(0.5 * learned_log_variance(schedule, v, t, event_dims))
+            mean = mean + scale * noise
+        x = mean
         if count in record:
             states.append(x)
     return x, _stacked(states, x)
@@ -117,7 +128,7 @@ def ddim_sample(
     for count, step in enumerate(progress_bar(times, progress=progress, desc="DDIM"), start=1):
         step_prev = times[count] if count < len(times) else 0
         t, t_prev = schedule.timestep(step), schedule.timestep(step_prev)
-        eps = denoiser(x, t)
+        eps = split_output(denoiser(x, t))[0]
         x0_hat = predicted_x0(schedule, x, t, eps, event_dims)
         if clip_denoised:
             x0_hat = x0_hat.clamp(-1, 1)

@@ -10,7 +10,10 @@ t = 0 and is only read as ᾱ_0 = 1 by DDIM's last step):
 ``beta_tilde``                β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t (Eq. 7), β̃_1 = 0; ``posterior_std`` √β̃_t
 ``posterior_coef_x0``         √ᾱ_{t−1}β_t/(1 − ᾱ_t), exactly 1 at t = 1 (Eq. 7)
 ``posterior_coef_xt``         √α_t(1 − ᾱ_{t−1})/(1 − ᾱ_t), exactly 0 at t = 1
-``sigma2``, ``sigma``         σ_t², σ_t of p_θ(x_{t−1} | x_t): β_t, or β̃_t for t ≥ 2 (σ_1² = β_1 always)
+``sigma2``, ``sigma``         σ_t², σ_t of p_θ(x_{t−1} | x_t): β_t, or β̃_t for t ≥ 2 (σ_1² = β_1 always);
+                              β_t for ``"learned"`` (the fixed variance L_simple's weights assume)
+``log_beta``                  log β_t; ``log_beta_tilde_clipped`` log β̃_t with β̃_1 := β̃_2 (β_1 if T = 1):
+                              the ends of the learned log-variance (Improved DDPM Eq. 15)
 ``recip_sqrt_alpha``          1/√α_t;  ``eps_coef`` β_t/(√α_t √(1 − ᾱ_t)): μ_θ (Eq. 11)
 ``simple_weight``             w_t = eps_coef²/(2σ_t²) in L_{t−1} = w_t‖ε − ε_θ‖² + c_t (per dimension)
 ``kl_constant``               c_t per dimension: KL(N(0, β̃_t) ‖ N(0, σ_t²)) for t ≥ 2, ½ log(2πσ_1²) at t = 1
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "cosine")
-REVERSE_VARIANCES = ("beta", "beta_tilde")
+REVERSE_VARIANCES = ("beta", "beta_tilde", "learned")
 MAX_BETA = 0.999
 COSINE_OFFSET = 0.008
 MAX_TIMESTEPS = 100_000  # ten times the longest chains in the literature; keeps per-t tables small
@@ -80,7 +83,8 @@ def coefficient_table(betas: torch.Tensor, reverse_variance: str = "beta") -> di
     """Every per-t coefficient (see the module docstring), each of shape (T + 1,), indexed by t.
 
     :param betas: β_1 … β_T, shape (T,), in (0, 1); float64 recommended (the table is computed in its dtype).
-    :param reverse_variance: ``"beta"`` or ``"beta_tilde"``: σ_t² for t ≥ 2.
+    :param reverse_variance: ``"beta"`` or ``"beta_tilde"``: σ_t² for t ≥ 2; ``"learned"``: the network
+        sets it between the two (the table's fixed ``sigma2`` is then β_t).
     """
     check_choice("reverse_variance", reverse_variance, REVERSE_VARIANCES)
     beta = torch.cat([betas.new_zeros(1), betas])  # (T+1,)
@@ -93,7 +97,7 @@ def coefficient_table(betas: torch.Tensor, reverse_variance: str = "beta") -> di
     safe = one_minus_alpha_bar.clone()
     safe[0] = 1.0  # t = 0 entries are never used as divisors; avoid 0/0
     beta_tilde = one_minus_alpha_bar_prev / safe * beta  # (Eq. 7); β̃_1 = 0
-    sigma2 = beta.clone() if reverse_variance == "beta" else beta_tilde.clone()
+    sigma2 = beta_tilde.clone() if reverse_variance == "beta_tilde" else beta.clone()
     sigma2[1] = beta[1]  # the decoder at t = 1 uses β_1 whichever variance is chosen
     sigma2[0] = 1.0
     eps_coef = beta / (torch.sqrt(alpha) * torch.sqrt(safe))
@@ -103,6 +107,10 @@ def coefficient_table(betas: torch.Tensor, reverse_variance: str = "beta") -> di
     kl_constant = torch.zeros_like(beta)
     kl_constant[1] = 0.5 * torch.log(2 * math.pi * sigma2[1])  # the Gaussian decoder's normalizer
     kl_constant[2:] = gaussian_kl(0.0, beta_tilde[2:], 0.0, sigma2[2:])
+    beta_tilde_clipped = beta_tilde.clone()
+    beta_tilde_clipped[1] = beta_tilde[2] if len(beta) > 2 else beta[1]
+    beta_tilde_clipped[0] = 1.0
+    log_beta = torch.log(torch.where(beta > 0, beta, torch.ones_like(beta)))
     return {
         "beta": beta,
         "alpha": alpha,
@@ -121,6 +129,8 @@ def coefficient_table(betas: torch.Tensor, reverse_variance: str = "beta") -> di
         "eps_coef": eps_coef,
         "simple_weight": eps_coef**2 / (2 * sigma2),
         "kl_constant": kl_constant,
+        "log_beta": log_beta,
+        "log_beta_tilde_clipped": torch.log(beta_tilde_clipped),
     }
 
 

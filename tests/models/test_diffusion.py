@@ -767,7 +767,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="schedule"):
         DDPM(schedule="quadratic")
     with pytest.raises(ValueError, match="reverse_variance"):
-        DDPM(reverse_variance="learned")
+        DDPM(reverse_variance="fixed")
     with pytest.raises(ValueError, match="decoder"):
         DDPM(decoder="bernoulli")
     with pytest.raises(ValueError, match="ema_decay"):

@@ -149,3 +149,86 @@ def test_importance_sampling_lowers_the_variance_of_the_elbo_estimate_on_a_train
     uniform, weighted = _estimates(trained, batch, 300), _estimates(importance, batch, 300)
     assert abs(_z(uniform, weighted)) < 4  # the same ELBO …
     assert float(weighted.var() / uniform.var()) < 0.5  # … estimated with less than half the variance
+
+
+# ---- learned reverse variances and the hybrid objective --------------------------------------------------
+def _learned(timesteps: int = T, seed: int = 0) -> DDPM:
+    torch.manual_seed(seed)
+    return DDPM(data_shape=(2,), timesteps=timesteps, hidden_dim=16, num_blocks=1, reverse_variance="learned")
+
+
+def test_the_learned_log_variance_runs_from_log_beta_tilde_to_log_beta():
+    from pvae.models.diffusion.chain import learned_log_variance
+
+    schedule = _learned().schedule
+    t = torch.arange(1, T + 1)  # one timestep per row of the (T, 2) batch
+    ones = torch.ones(T, 2)
+    beta, beta_tilde = schedule.beta[1:], schedule.beta_tilde[1:]
+    at_plus = learned_log_variance(schedule, ones, t, 1)
+    at_minus = learned_log_variance(schedule, -ones, t, 1)
+    assert torch.allclose(at_plus[:, 0], beta.log(), atol=1e-6)
+    assert torch.allclose(at_minus[1:, 0], beta_tilde[1:].log(), atol=1e-6)
+    assert torch.allclose(at_minus[0, 0], beta_tilde[1].log(), atol=1e-6)  # β̃_1 = 0 clipped to β̃_2
+    middle = learned_log_variance(schedule, 0 * ones, t, 1)
+    assert torch.allclose(middle, (at_plus + at_minus) / 2, atol=1e-6)
+
+
+def test_with_learned_variances_the_subsampled_estimate_stays_unbiased_for_the_full_chain_elbo():
+    family, x = _learned(), _data()
+    with torch.no_grad():  # a network whose v is not zero, so the variances vary per entry
+        family.denoiser.network.output.bias.uniform_(-1, 1)
+    pyro.set_rng_seed(4)
+    assert abs(_z(_estimates(family, x, 400), _reference(family, x, 200))) < 4
+
+
+def test_the_hybrid_objective_trains_the_mean_by_l_simple_and_the_variances_by_the_elbo():
+    family, x = _learned(), _data(16)
+    model, guide, _ = family.svi_program("hybrid")
+    guide_trace = poutine.trace(guide).get_trace(x)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    simple, vlb = trace.nodes["x_prev"]["fn"].base_dist, trace.nodes["x_prev_vlb"]["fn"].base_dist
+    assert simple.loc.requires_grad and not simple.scale.requires_grad  # fixed σ_t for L_simple
+    assert not vlb.loc.requires_grad and vlb.scale.requires_grad  # the mean's gradient stopped
+    assert not torch.allclose(simple.scale, vlb.scale)
+    with pytest.raises(ValueError, match="'simple' does not train learned variances"):
+        family.svi_program("simple")
+    with pytest.raises(ValueError, match="reverse_variance='learned'"):
+        _ddpm("per_datum").svi_program("hybrid")
+
+
+def test_a_learned_variance_model_trains_samples_and_round_trips_a_checkpoint(tmp_path):
+    family = _learned(timesteps=20)
+    loader = pvae.data.BatchLoader(_data(256), batch_size=64, seed=0)
+    checkpoint = tmp_path / "run.pt"
+    history = pvae.inference.train(
+        family, loader, loader, epochs=3, objective="hybrid", lr=3e-3, progress=False, checkpoint=checkpoint
+    )
+    assert history.objective == "hybrid" and all(math.isfinite(v) for v in history.test_elbo)
+    restored = pvae.load(checkpoint)
+    x = _data(8)
+    assert torch.allclose(
+        restored.elbo(x, generator=torch.Generator().manual_seed(0)),
+        family.elbo(x, generator=torch.Generator().manual_seed(0)),
+    )
+
+
+def test_ancestral_sampling_draws_with_the_networks_variances():
+    """With ε chosen so that every mean is 0, the state after the step from t = 2 is σ_2·z: a network
+    answering v = +1 gives the fixed chain's σ_2 = √β_2 draw for draw, v = −1 gives √β̃_2."""
+    from pvae.models.diffusion.sampling import ancestral_sample
+
+    schedule = _learned().schedule
+
+    def zero_mean(x, t):  # μ = x/√α_t − eps_coef·ε = 0
+        return x * schedule.coef("recip_sqrt_alpha", t, x, 1) / schedule.coef("eps_coef", t, x, 1)
+
+    def state_after_t2(denoiser):
+        generator = torch.Generator().manual_seed(0)
+        return ancestral_sample(denoiser, schedule, 6, (2,), generator=generator, record=(T - 1,))[1][0]
+
+    fixed = state_after_t2(zero_mean)
+    plus = state_after_t2(lambda x, t: (zero_mean(x, t), torch.ones_like(x)))
+    minus = state_after_t2(lambda x, t: (zero_mean(x, t), -torch.ones_like(x)))
+    assert torch.allclose(plus, fixed, rtol=1e-5)
+    ratio = torch.sqrt(schedule.beta_tilde[2] / schedule.beta[2])
+    assert torch.allclose(minus, ratio * fixed, rtol=1e-4) and float(ratio) < 0.9
