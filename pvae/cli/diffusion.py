@@ -46,7 +46,8 @@ def add_chain_arguments(parser, defaults) -> None:
         choices=TIME_SAMPLING,
         default=defaults.time_sampling,
         help="how the training pair draws timesteps — plate: one per batch (the time plate); per_datum: "
-        f"one per datum (default {defaults.time_sampling})",
+        "one per datum; stratified: one per datum, spread over T strata per batch; importance: one per "
+        f"datum with p_t ∝ √E[L_t²] (Improved DDPM) (default {defaults.time_sampling})",
     )
 
 
@@ -66,7 +67,15 @@ def _add_arguments(parser) -> None:
         "--reverse-variance",
         choices=REVERSE_VARIANCES,
         default=defaults.reverse_variance,
-        help=f"σ_t² of the reverse steps t ≥ 2 (default {defaults.reverse_variance})",
+        help="σ_t² of the reverse steps t ≥ 2: β_t, β̃_t, or learned by the network between the two "
+        f"(train it with --objective elbo, meanfield or hybrid) (default {defaults.reverse_variance})",
+    )
+    parser.add_argument(
+        "--learn-variance",
+        action="store_const",
+        const="learned",
+        dest="reverse_variance",
+        help="the same as --reverse-variance learned",
     )
     parser.add_argument(
         "--ema-decay",
@@ -145,8 +154,9 @@ def _summary(family, data: RunData, history, args) -> dict:
 
 
 def _describe(family, data: RunData, history, summary: dict, args) -> str:
-    per = "one t per batch" if args.time_sampling == "plate" else "one t per datum"
-    label = "−L_simple" if history.objective == "simple" else f"ELBO ({history.objective}, {per})"
+    per = "one t per batch" if args.time_sampling == "plate" else f"t {args.time_sampling}"
+    not_elbo = {"simple": "−L_simple", "hybrid": "−(L_simple + λ·L_vlb)"}
+    label = not_elbo.get(history.objective, f"ELBO ({history.objective}, {per})")
     metadata = data.metadata
     return (
         f"ddpm on {args.dataset} ({metadata['num_train']} train / {metadata['num_test']} test), T = "

@@ -58,7 +58,8 @@ def _add_training_arguments(parser, objectives: tuple[str, ...]) -> None:
         choices=objectives,
         default=objectives[0],
         help=f"default {objectives[0]}: elbo = Trace_ELBO, meanfield = closed-form KLs, iwae = IWAE-k, "
-        "simple = a diffusion model's L_simple (not an ELBO)",
+        "simple = a diffusion model's L_simple, hybrid = L_simple + λ·L_vlb for learned variances (neither "
+        "is an ELBO)",
     )
     add_run_options(group)
     add_common(group)
