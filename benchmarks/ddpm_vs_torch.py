@@ -14,8 +14,10 @@ Three measurements, printed as tables:
    learning rate, EMA), evaluated by the same exact ``DDPM.bits_per_dim`` (all T terms, closed-form KLs,
    EMA weights) on an evenly spread subset of the mnist5k test split; mean ± standard error over images.
    pvae's objectives draw one timestep per step for the whole batch (the time plate), or one per image
-   with ``/per_datum`` (``DDPM(time_sampling="per_datum")``); ``hand-simple`` is the hand-written L_simple
-   step, which draws a timestep per image.
+   with ``/per_datum`` (``DDPM(time_sampling="per_datum")``), ``/stratified`` or ``/importance`` (Improved
+   DDPM's importance-sampled timesteps); a third part ``/learned`` learns the reverse variances
+   (``reverse_variance="learned"``, e.g. ``meanfield/importance/learned``, ``hybrid/per_datum/learned``);
+   ``hand-simple`` is the hand-written L_simple step, which draws a timestep per image.
 
 Run: ``python benchmarks/ddpm_vs_torch.py`` (the defaults; about two hours on 2 CPU cores — part 3
 trains seven models and evaluates each with 1,000 network passes per test image). One part at a time:
@@ -38,8 +40,8 @@ from pvae.models.diffusion import DDPM
 from pvae.utils import seed_everything
 
 
-def make_family(args, seed: int, time_sampling: str = "plate") -> DDPM:
-    seed_everything(seed)  # the same initial U-Net weights for every side
+def make_family(args, seed: int, time_sampling: str = "plate", reverse_variance: str = "beta") -> DDPM:
+    seed_everything(seed)  # the same initial U-Net weights for every side (but the learned variances' head)
     return DDPM(
         data_shape=(1, 28, 28),
         timesteps=args.timesteps,
@@ -47,6 +49,7 @@ def make_family(args, seed: int, time_sampling: str = "plate") -> DDPM:
         channels=tuple(args.channels),
         ema_decay=args.ema_decay,
         time_sampling=time_sampling,
+        reverse_variance=reverse_variance,
     )
 
 
@@ -155,8 +158,8 @@ def bench_bits_per_dim(args, train_x, test_x) -> list[tuple]:
     subset = test_x[:: max(1, len(test_x) // args.eval_images)][: args.eval_images]
     for objective in args.objectives:
         pyro.clear_param_store()
-        name, _, time_sampling = objective.partition("/")  # e.g. "simple/per_datum"
-        family = make_family(args, args.seed, time_sampling or "plate")
+        name, time_sampling, variance = ([*objective.split("/"), "", ""])[:3]  # e.g. "simple/per_datum"
+        family = make_family(args, args.seed, time_sampling or "plate", variance or "beta")
         if objective == "hand-simple":  # per-image t, written out; the same EMA
             trainer = HandWrittenTrainer(family, args.lr)
 
@@ -271,7 +274,14 @@ if __name__ == "__main__":
             "hand-simple",
         ],
         choices=[
-            f"{name}{suffix}" for name in ("elbo", "meanfield", "simple") for suffix in ("", "/per_datum")
+            f"{name}{suffix}"
+            for name in ("elbo", "meanfield", "simple")
+            for suffix in ("", "/per_datum", "/stratified", "/importance")
+        ]
+        + [
+            f"{name}/{sampling}/learned"
+            for name in ("elbo", "meanfield", "hybrid")
+            for sampling in ("plate", "per_datum", "stratified", "importance")
         ]
         + ["hand-simple"],
         help="pvae objectives (one timestep per batch, or '/per_datum'), and the hand-written L_simple step",

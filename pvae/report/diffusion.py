@@ -89,12 +89,44 @@ def diffusion_digits(ctx: ReportContext) -> str:
 #: The two-moons runs of the demo: (epochs, learning rate, final learning rate), full and quick.
 MOONS_SCHEDULE = {"full": (200, 1e-2, 1e-4), "quick": (60, 1e-2, 1e-4)}
 
+#: Ways to train a DDPM on two moons: name → (objective, time sampling, reverse variance).
+MOONS_VARIANTS = {
+    "simple": ("simple", "per_datum", "beta"),
+    "elbo": ("elbo", "per_datum", "beta"),
+    "meanfield": ("meanfield", "per_datum", "beta"),
+    "meanfield+is": ("meanfield", "importance", "beta"),
+    "meanfield+is+learned": ("meanfield", "importance", "learned"),
+    "hybrid+learned": ("hybrid", "per_datum", "learned"),
+}
+#: The variants the demo trains (full report, and ``--quick``).
+MOONS_DEMO_VARIANTS = {"full": ("simple", "meanfield", "meanfield+is+learned"), "quick": ("simple",)}
+
+
+def train_moons_variant(variant: str, loader, *, timesteps: int, epochs: int, lr: float, lr_end: float, seed):
+    """A ``DDPM(data_shape=(2,), timesteps, ema_decay=0.99)`` trained on ``loader`` the way ``variant``
+    (:data:`MOONS_VARIANTS`) says; returns (family, history)."""
+    from pvae.inference import train
+    from pvae.models.diffusion import DDPM
+
+    objective, time_sampling, variance = MOONS_VARIANTS[variant]
+    data = loader.data
+    family = DDPM(
+        data_shape=(2,),
+        timesteps=timesteps,
+        ema_decay=0.99,
+        time_sampling=time_sampling,
+        reverse_variance=variance,
+        name=f"moons_{variant}",
+    ).to(data.device)
+    history = train(
+        family, loader, epochs=epochs, objective=objective, lr=lr, lr_end=lr_end, seed=seed, progress=False
+    )
+    return family, history
+
 
 def moons_section(ctx: ReportContext) -> str:
     from pvae import plots, plots_diffusion
     from pvae.data import BatchLoader, two_moons
-    from pvae.inference import train
-    from pvae.models.diffusion import DDPM
     from pvae.two_sample import mmd2, mmd2_null
     from pvae.utils import resolve_device, seed_everything
 
@@ -102,7 +134,7 @@ def moons_section(ctx: ReportContext) -> str:
     generator = seed_everything(ctx.seed)
     timesteps, points = (100, 500) if ctx.quick else (100, 1000)
     epochs, lr, lr_end = MOONS_SCHEDULE["quick" if ctx.quick else "full"]
-    objectives = ("simple",) if ctx.quick else ("elbo", "meanfield", "simple")
+    variants = MOONS_DEMO_VARIANTS["quick" if ctx.quick else "full"]
     data = two_moons(4000, noise=TWO_MOONS_NOISE, generator=generator).to(device)
     test = two_moons(1000, noise=TWO_MOONS_NOISE, generator=generator).to(device)
     reference = two_moons(points, noise=TWO_MOONS_NOISE, generator=generator).to(device)
@@ -114,61 +146,45 @@ def moons_section(ctx: ReportContext) -> str:
     lines = [
         "## Diffusion as a hierarchical latent chain: DDPM on two moons",
         "",
-        f'`DDPM(data_shape=(2,), timesteps={timesteps}, time_sampling="per_datum", ema_decay=0.99)`',
-        "(linear schedule): the model is the reverse chain p_θ(x_{t−1} | x_t), the guide the forward",
-        "noising process. Each objective of `DDPM.svi_program` trained it on",
-        f"{len(data):,} two-moons points by `pvae.inference.train`: {steps:,} Adam steps of",
-        f"{loader.batch_size} points ({epochs} epochs), the learning rate",
-        f"decayed geometrically from {lr:g} to {lr_end:g} (`lr_end`), one timestep per point",
-        '(`time_sampling="per_datum"`, as in DDPM\'s Algorithm 1: the same ELBO in expectation as one',
-        "timestep per batch, less variance per step). Objectives: `elbo` (Trace_ELBO on the",
-        "time-subsampled pair: it scores one draw of x_{t−1}), `meanfield` (the same pair with each step's",
-        "KL in closed form: the same ELBO, lower-variance gradients), `simple` (DDPM's L_simple, a",
-        "reweighting that is *not* an ELBO). Test ELBO: all T terms in closed form (`DDPM.elbo`), mean over",
-        f"{len(test):,} test points. MMD²:",
-        f"Gaussian kernel of width {bandwidth}, {points} samples against {points} fresh data points. Between",
-        f"two independent data sets of {points} points it is {null.mean():.5f} on average, with a **95th",
-        f"percentile of {threshold:.5f}** ({len(null)} pairs): a model whose MMD² lies below it is not told",
-        "apart from the data by this test.",
+        f"`DDPM(data_shape=(2,), timesteps={timesteps}, ema_decay=0.99)` (linear schedule): the model is the",
+        "reverse chain p_θ(x_{t−1} | x_t), the guide the forward noising process. Each variant trained it",
+        f"on {len(data):,} two-moons points by `pvae.inference.train`: {steps:,} Adam steps of",
+        f"{loader.batch_size} points ({epochs} epochs), the learning rate decayed geometrically from {lr:g}",
+        f"to {lr_end:g} (`lr_end`), one timestep per point. Variants: `simple` (DDPM's L_simple, a",
+        "reweighting that is *not* an ELBO; uniform timesteps), `meanfield` (the ELBO, each step's KL in",
+        "closed form; uniform timesteps), `meanfield+is+learned` (the same ELBO with importance-sampled",
+        'timesteps, p_t ∝ √E[L_t²], and learned reverse variances: `time_sampling="importance"`,',
+        '`reverse_variance="learned"`). Test ELBO: all T terms in closed form (`DDPM.elbo`), mean over',
+        f"{len(test):,} test points. MMD²: Gaussian kernel of width {bandwidth}, {points} samples against",
+        f"{points} fresh data points. Between two independent data sets of {points} points it is",
+        f"{null.mean():.5f} on average, with a **95th percentile of {threshold:.5f}** ({len(null)} pairs): a",
+        "model whose MMD² lies below it is not told apart from the data by this test.",
         "",
-        "| objective | train s | test ELBO (nats/point) | MMD² samples vs data | ÷ data-vs-data 95th pct |",
+        "| variant | train s | test ELBO (nats/point) | MMD² samples vs data | ÷ data-vs-data 95th pct |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     scores = {}
     last = None
-    for objective in objectives:
-        family = DDPM(
-            data_shape=(2,),
-            timesteps=timesteps,
-            ema_decay=0.99,
-            name=f"demo_ddpm_{objective}",
-        ).to(device)
+    for variant in variants:
         started = time.perf_counter()
-        history = train(
-            family,
-            loader,
-            epochs=epochs,
-            objective=objective,
-            lr=lr,
-            lr_end=lr_end,
-            seed=ctx.seed,
-            progress=False,
+        family, history = train_moons_variant(
+            variant, loader, timesteps=timesteps, epochs=epochs, lr=lr, lr_end=lr_end, seed=ctx.seed
         )
         seconds = time.perf_counter() - started
         elbo, terms = family.elbo(test, return_terms=True)
         samples = family.sample(points, progress=False)
         distance = mmd2(samples, reference, bandwidth)
-        scores[objective] = distance
+        scores[variant] = distance
         stderr = elbo.std().item() / len(elbo) ** 0.5
         lines.append(
-            f"| {objective} | {seconds:.1f} | {elbo.mean():.3f} ± {stderr:.3f} | {distance:.5f} | "
+            f"| {variant} | {seconds:.1f} | {elbo.mean():.3f} ± {stderr:.3f} | {distance:.5f} | "
             f"{distance / threshold:.2f} |"
         )
         plots_diffusion.plot_samples_2d(
-            samples.cpu(), test.cpu(), os.path.join(ctx.out, f"ddpm_samples_{objective}.png"), title=objective
+            samples.cpu(), test.cpu(), os.path.join(ctx.out, f"ddpm_samples_{variant}.png"), title=variant
         )
-        last = (objective, family, terms, history)
-    objective, family, terms, history = last
+        last = (variant, family, terms, history)
+    variant, family, terms, history = last
     chain = family.sample(points, return_chain=True, chain_length=6, progress=False)
     plots_diffusion.plot_chain_2d(
         chain.states.cpu(), chain.times, os.path.join(ctx.out, "ddpm_chain.png"), data=test.cpu()
@@ -178,7 +194,7 @@ def moons_section(ctx: ReportContext) -> str:
         plots_diffusion.moving_average(history.step_losses, 100),
         os.path.join(ctx.out, "ddpm_loss.png"),
         xlabel="step",
-        ylabel=f"{objective} loss per point (mean of 100 steps)",
+        ylabel=f"{variant} loss per point (mean of 100 steps)",
     )
     within = [name for name, value in scores.items() if value <= threshold]
     above = [name for name, value in scores.items() if value > threshold]
@@ -192,10 +208,10 @@ def moons_section(ctx: ReportContext) -> str:
     if above:
         lines.append("Above it: " + ", ".join(f"`{name}` ({scores[name]:.5f})" for name in above) + ".")
     lines += ["", "Samples (blue) over test data (grey):", ""]
-    lines += [f"![{name}](ddpm_samples_{name}.png)" for name in objectives]
+    lines += [f"![{name}](ddpm_samples_{name}.png)" for name in variants]
     lines += [
         "",
-        f"The reverse chain x_T → x_0 of the `{objective}` model, its loss per point (running mean of 100",
+        f"The reverse chain x_T → x_0 of the `{variant}` model, its loss per point (running mean of 100",
         "steps: one timestep per step makes the raw loss jump with t), and the ELBO's terms against t",
         "(L_{t−1} = E KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)), L_0 the decoder, L_T ≈ 0):",
         "",
