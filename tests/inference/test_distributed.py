@@ -217,3 +217,16 @@ def test_outside_torchrun_everything_answers_for_one_process():
     seeds = {distributed.rank_seed(0, rank, epoch) for rank in range(4) for epoch in range(4)}
     assert len(seeds) == 16 and all(0 <= seed < 2**32 for seed in seeds)
     assert distributed.from_main_process(lambda: 3) == 3
+
+
+def test_latent_diffusion_trains_both_stages_under_torchrun(tmp_path):
+    flags = [
+        "--epochs", "1", "--autoencoder-epochs", "1", "--num-train", "400", "--num-test", "100",
+        "--batch-size", "100", "--hidden-dim", "64", "--timesteps", "20", "--prior-hidden-dim", "32",
+        "--device", "cpu", "--json", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = _torchrun("-m", "pvae", "train", "ldm", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "autoencoder" / "checkpoint.pt").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    family = pvae.load(tmp_path / "checkpoint.pt")
+    assert family.stage == "prior" and float(family.latent_scale) > 0
