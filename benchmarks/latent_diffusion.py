@@ -54,7 +54,8 @@ import torch
 
 from pvae.data import BatchLoader, from_model_space
 from pvae.inference import train
-from pvae.models.diffusion import DDPM
+from pvae.models.diffusion import DDPM, TIME_SAMPLING
+from pvae.models.diffusion.schedules import REVERSE_VARIANCES
 from pvae.models.latent_diffusion import LatentDiffusion
 from pvae.models.vae import ARCHITECTURES, VAE
 from pvae.report.autoencoders import image_split, image_test_loader
@@ -123,6 +124,8 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
         "architecture": args.architecture,
         "timesteps": args.timesteps,
         "prior_hidden_dim": args.prior_hidden_dim,
+        "time_sampling": args.time_sampling,
+        "reverse_variance": args.reverse_variance,
         "stage": "autoencoder",
     }
     first_epochs, second_epochs = args.autoencoder_epochs, args.epochs
@@ -331,6 +334,12 @@ if __name__ == "__main__":
     parser.add_argument("--hidden-dim", type=int, default=400, help="the LDM autoencoder's hidden width")
     parser.add_argument("--timesteps", type=int, default=100, help="T of the LDM's prior chain")
     parser.add_argument("--prior-hidden-dim", type=int, default=256, help="width of the prior's denoiser")
+    parser.add_argument(
+        "--time-sampling", choices=TIME_SAMPLING, default="per_datum", help="the prior chain's time sampler"
+    )
+    parser.add_argument(
+        "--reverse-variance", choices=REVERSE_VARIANCES, default="beta", help="the prior chain's σ_t²"
+    )
     parser.add_argument("--vae-z-dim", type=int, default=20, help="latent dimension of the reference VAE")
     parser.add_argument("--autoencoder-epochs", type=int, default=30, help="stage 1 (and the VAE's first)")
     parser.add_argument("--epochs", type=int, default=60, help="second stages (and the VAE's second)")

@@ -282,7 +282,9 @@ def train(
     :param compile_options: ``torch.compile`` keyword arguments for ``engine="compile"`` (e.g. ``mode``).
     :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
     :param callback: called as ``callback(epoch, history)`` after each epoch (1-based, after its checkpoint),
-        e.g. to print progress, stop early (by raising), or interleave other work.
+        e.g. to print progress, stop early (by raising), or interleave other work. With several processes
+        it is called on every one: write files only where
+        :func:`pvae.inference.distributed.is_main_process`, and stop early on all of them alike.
     :returns: the :class:`History` of all epochs (including those before a resume).
     :raises FloatingPointError: when the loss becomes NaN/inf; names the epoch and step, and leaves the
         last good checkpoint in place.
