@@ -126,6 +126,7 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
         "prior_hidden_dim": args.prior_hidden_dim,
         "time_sampling": args.time_sampling,
         "reverse_variance": args.reverse_variance,
+        "prior_ema_decay": args.prior_ema_decay,
         "stage": "autoencoder",
     }
     first_epochs, second_epochs = args.autoencoder_epochs, args.epochs
@@ -339,6 +340,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--reverse-variance", choices=REVERSE_VARIANCES, default="beta", help="the prior chain's σ_t²"
+    )
+    parser.add_argument(
+        "--prior-ema-decay", type=float, default=0.0, help="EMA of the prior's denoiser (0: off)"
     )
     parser.add_argument("--vae-z-dim", type=int, default=20, help="latent dimension of the reference VAE")
     parser.add_argument("--autoencoder-epochs", type=int, default=30, help="stage 1 (and the VAE's first)")

@@ -72,6 +72,7 @@ class LatentDiffusionConfig:
     reverse_variance: str = "beta"
     prior_hidden_dim: int = 256
     prior_blocks: int = 3
+    prior_ema_decay: float = 0.0
     time_sampling: str = "per_datum"
     stage: str = "joint"
     name: str | None = None
@@ -86,6 +87,8 @@ class LatentDiffusion(Family):
         :class:`~pvae.models.diffusion.DDPM` over (z_dim,) vectors with the Gaussian decoder).
     :param prior_hidden_dim: width of the prior's MLP denoiser.
     :param prior_blocks: residual blocks of the prior's MLP denoiser.
+    :param prior_ema_decay: decay of the exponential moving average of the prior's denoiser, which
+        :meth:`sample` and :meth:`elbo` then use (0: off; see :class:`~pvae.models.diffusion.DDPM`).
     :param time_sampling: how the training pair draws timesteps (``"per_datum"`` or ``"plate"``).
     :param stage: what :meth:`svi_program` trains (:data:`STAGES`); change it with :meth:`set_stage`.
     :param name: prefix in Pyro's param store (default: unique).
@@ -106,6 +109,7 @@ class LatentDiffusion(Family):
         reverse_variance: str = "beta",
         prior_hidden_dim: int = 256,
         prior_blocks: int = 3,
+        prior_ema_decay: float = 0.0,
         time_sampling: str = "per_datum",
         stage: str = "joint",
         name: str | None = None,
@@ -130,7 +134,7 @@ class LatentDiffusion(Family):
             schedule=schedule,
             reverse_variance=reverse_variance,
             decoder="gaussian",
-            ema_decay=0.0,
+            ema_decay=prior_ema_decay,
             hidden_dim=check_int("prior_hidden_dim", prior_hidden_dim),
             num_blocks=check_int("prior_blocks", prior_blocks),
             time_sampling=time_sampling,
@@ -148,6 +152,7 @@ class LatentDiffusion(Family):
             reverse_variance=reverse_variance,
             prior_hidden_dim=prior_hidden_dim,
             prior_blocks=prior_blocks,
+            prior_ema_decay=self.prior.ema_decay,
             time_sampling=time_sampling,
             stage=stage,
             name=self.name,
@@ -167,7 +172,7 @@ class LatentDiffusion(Family):
         (``requires_grad=False``), so optimizers and the training loop leave them as they are."""
         self.config.stage = check_choice("stage", stage, STAGES)
         self.autoencoder.requires_grad_(stage != "prior")
-        self.prior.requires_grad_(stage != "autoencoder")
+        self.prior.denoiser.requires_grad_(stage != "autoencoder")  # its average (EMA) is never trained
 
     @torch.no_grad()
     def fit_latent_scale(self, x: torch.Tensor) -> float:

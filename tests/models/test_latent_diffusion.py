@@ -146,6 +146,30 @@ def test_prior_predictive_and_samples():
     assert set(binary.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_the_prior_chain_takes_an_ema_importance_sampled_timesteps_and_learned_variances(tmp_path):
+    """The prior is a DDPM: its options carry over, after_step updates them, checkpoints keep them."""
+    pyro.clear_param_store()
+    ldm = _small(prior_ema_decay=0.9, time_sampling="importance", reverse_variance="learned").float()
+    x = _digits(8).float()
+    model, guide, loss = ldm.svi_program("meanfield")
+    step = SVIStep(model, guide, loss, lr=1e-2, module=ldm, after_step=ldm.after_step)
+    for _ in range(3):
+        step(x)
+    assert int(ldm.prior.ema_updates) == 3 and int(ldm.prior.term_counts.sum()) == 3 * 8
+    assert not torch.equal(
+        ldm.prior.ema_denoiser.network.output.weight, ldm.prior.denoiser.network.output.weight
+    )
+    path = ckpt.save_checkpoint(tmp_path / "ldm.pt", ldm, epoch=1)
+    restored = load(path)
+    assert restored.config.prior_ema_decay == 0.9 and torch.equal(
+        restored.prior.term_counts, ldm.prior.term_counts
+    )
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(
+        restored.sample(3, generator=generator), ldm.sample(3, generator=torch.Generator().manual_seed(0))
+    )
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="stage must be one of"):
         _small(stage="both")
