@@ -3,18 +3,28 @@
 Both sides compute the same single-particle ELBO for N = 1,000 data points,
 E_q[log Exp(z; λ) + log N(x; z, σ) − log q(z | x)], with the same guide (per-datum truncated normal, or
 the amortized network) and Adam with the same learning rate. pvae's side is ``pvae.inference.fit``
-(Pyro SVI + Trace_ELBO, validation on as in the tests); the hand-written side is a plain loop with
-``torch.optim.Adam``. Blocks of steps are interleaved (A B A B …) so machine noise hits both alike;
-the table reports median steps/s and the time-per-step ratio pvae / hand-written (1.0 = parity).
+(Pyro's Trace_ELBO, validation on as in the tests) with each step engine given by ``--engines``:
+``eager`` and ``trace`` are :class:`pvae.inference.SVIStep`'s engines (``fit(..., engine=...)``, the
+tracing of ``trace`` counted in every block, as each ``fit`` call records its step anew), ``svi`` is
+Pyro's stock ``SVI.step`` (``fit(..., optim=pyro.optim.Adam(...))``, what ``fit`` ran before it used
+SVIStep). The hand-written side is a plain loop with ``torch.optim.Adam``. Blocks of steps are
+interleaved (hand, then each engine, the order rotated every round) so machine noise hits them alike;
+the table reports median steps/s and the median over rounds of the time-per-step ratio pvae /
+hand-written (1.0 = parity, below 1 = pvae faster).
 
-Run: ``python benchmarks/toy_svi.py [--num-data 1000] [--steps 200] [--repeats 5]``
+Run: ``python benchmarks/toy_svi.py [--num-data 1000] [--steps 200] [--repeats 5]
+[--engines svi eager trace] [--threads 1]``. With more than one thread, torch spreads even
+1,000-element exp/log kernels over the threads, so on a machine whose other cores are busy every such
+kernel waits for a time slice: time with ``--threads 1`` there.
 """
 
 import argparse
+import functools
 import statistics
 import time
 
 import pyro
+import pyro.optim
 import torch
 
 from pvae.distributions import TruncatedNormal
@@ -22,10 +32,14 @@ from pvae.inference import fit
 from pvae.models.toy import ExponentialGaussian
 
 
-def pvae_block(family, guide_name, x, steps):
+def pvae_block(family, guide_name, x, steps, *, engine):
     guide = family.guide_named(guide_name)
+    if engine == "svi":  # Pyro's SVI.step with Pyro's Adam
+        options = {"optim": pyro.optim.Adam({"lr": 1e-2})}
+    else:
+        options = {"lr": 1e-2, "engine": engine}
     start = time.perf_counter()
-    fit(family.model, guide, x, num_steps=steps, lr=1e-2, progress=False)
+    fit(family.model, guide, x, num_steps=steps, progress=False, **options)
     return steps / (time.perf_counter() - start)
 
 
@@ -70,6 +84,8 @@ class HandWritten:
 
 
 def main(args):
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
     x = torch.distributions.Exponential(1.0).sample((args.num_data,)) + torch.randn(args.num_data)
@@ -79,22 +95,29 @@ def main(args):
         pyro.clear_param_store()
         family = ExponentialGaussian()
         hand = HandWritten(family, guide_name, x)
-        pvae_block(family, guide_name, x, 10)  # warm-up both
-        hand.block(10)
-        pvae_rates, hand_rates = [], []
-        for _ in range(args.repeats):
-            pvae_rates.append(pvae_block(family, guide_name, x, args.steps))
-            hand_rates.append(hand.block(args.steps))
-        pvae_rate, hand_rate = statistics.median(pvae_rates), statistics.median(hand_rates)
-        rows.append((guide_name, pvae_rate, hand_rate, hand_rate / pvae_rate))
+        blocks = {"hand": hand.block}
+        for engine in args.engines:
+            blocks[engine] = functools.partial(pvae_block, family, guide_name, x, engine=engine)
+        for block in blocks.values():  # warm-up
+            block(10)
+        rates = {name: [] for name in blocks}
+        names = list(blocks)
+        for index in range(args.repeats):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                rates[name].append(blocks[name](args.steps))
+        hand_rate = statistics.median(rates["hand"])
+        for engine in args.engines:
+            ratio = statistics.median(h / p for h, p in zip(rates["hand"], rates[engine]))
+            rows.append((guide_name, engine, statistics.median(rates[engine]), hand_rate, ratio))
     print(
         f"toy SVI, N = {args.num_data}, {args.steps} steps × {args.repeats} interleaved blocks, "
         f"torch threads = {torch.get_num_threads()}"
     )
-    print("| guide | pvae `fit` steps/s | hand-written steps/s | time ratio pvae / hand-written |")
-    print("| --- | ---: | ---: | ---: |")
-    for guide_name, pvae_rate, hand_rate, ratio in rows:
-        print(f"| {guide_name} | {pvae_rate:.0f} | {hand_rate:.0f} | {ratio:.2f}× |")
+    print("| guide | `fit` engine | pvae steps/s | hand-written steps/s | time ratio pvae / hand-written |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for guide_name, engine, pvae_rate, hand_rate, ratio in rows:
+        print(f"| {guide_name} | {engine} | {pvae_rate:.0f} | {hand_rate:.0f} | {ratio:.2f}× |")
 
 
 if __name__ == "__main__":
@@ -103,4 +126,12 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--float64", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["svi", "eager", "trace"],
+        choices=["svi", "eager", "trace", "compile"],
+        help="fit's step engines to time (svi: Pyro's stock SVI.step)",
+    )
     main(parser.parse_args())

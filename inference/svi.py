@@ -15,6 +15,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 
 from pvae.checks import check_int, check_positive
+from pvae.inference.step import ENGINES, SVIStep
 from pvae.utils import progress_bar, seed_everything
 
 __all__ = ["fit", "scheduled_adam", "scheduled_lr"]
@@ -82,13 +83,19 @@ def fit(
     seed: int | None = None,
     progress: bool = True,
     optim: pyro.optim.PyroOptim | None = None,
+    engine: str = "eager",
     **kwargs,
 ) -> list[float]:
     """Fit ``guide`` (and any parameters of ``model``) by SVI and return the loss history.
 
-    Each step is one ``SVI.step(*args, **kwargs)``: the loss is −ELBO summed over the ``"data"`` plate, as
-    Pyro reports it. Parameters live in Pyro's global param store and are *not* cleared here, so several
-    pairs can be fitted in one process.
+    Each step is one step of :class:`~pvae.inference.step.SVIStep`, the step engine of
+    :func:`pvae.inference.train`: the ELBO's loss and gradients for ``(*args, **kwargs)``, then one
+    ``torch.optim.Adam`` update of every parameter the pair touched on its first step. The loss is −ELBO
+    summed over the ``"data"`` plate, as Pyro's ``SVI.step`` reports it. Parameters live in Pyro's global
+    param store and are *not* cleared here, so several pairs can be fitted in one process. With ``optim``
+    (any Pyro optimizer) the steps are Pyro's own ``SVI.step`` instead. Under ``torch.distributed`` the
+    steps are SVIStep's there too: every rank calls ``fit``, and the ranks' gradients and losses are
+    averaged (one fit, the same parameters on every rank).
 
     :param model: Pyro model.
     :param guide: Pyro guide with the same latent sites.
@@ -101,27 +108,68 @@ def fit(
     :param seed: seeds Python, NumPy, torch and Pyro first.
     :param progress: show a progress bar (on stderr, and only when it is a terminal).
     :param optim: a Pyro optimizer to use instead of Adam with ``lr``/``lr_end`` (e.g. from
-        :func:`scheduled_adam`); a ``pyro.optim`` learning-rate scheduler is advanced after every step.
+        :func:`scheduled_adam`), run by Pyro's ``SVI.step`` (so not with ``engine``); a ``pyro.optim``
+        learning-rate scheduler is advanced after every step.
+    :param engine: the :class:`~pvae.inference.step.SVIStep` engine, one of
+        :data:`~pvae.inference.step.ENGINES`: ``"eager"`` (any program), ``"trace"`` (records one step and
+        replays it: for programs of fixed structure, as the toy's and the mixture's are; a step whose
+        guards fail runs eagerly) or ``"compile"`` (worth its compile time only for long runs).
     :returns: the loss after each step.
-    :raises FloatingPointError: when the loss becomes NaN or infinite (the step is named).
+    :raises FloatingPointError: when the loss becomes NaN or infinite (the step is named); the parameters
+        keep their values from before that step.
     """
     num_steps = check_int("num_steps", num_steps)
-    if optim is None:
-        optim = scheduled_adam(lr, lr_end, num_steps)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if optim is not None:
+        if engine != "eager":
+            raise ValueError(
+                f"engine={engine!r} needs fit's own Adam: leave optim=None (a Pyro optimizer "
+                "runs through Pyro's SVI.step)"
+            )
+        if seed is not None:
+            seed_everything(seed)
+        return _fit_with_pyro_optim(model, guide, args, kwargs, num_steps, loss, progress, optim)
+    lr = check_positive("lr", lr)
+    if lr_end is not None:
+        lr_end = check_positive("lr_end", lr_end)
     if seed is not None:
         seed_everything(seed)
+    step = SVIStep(model, guide, loss or Trace_ELBO(), lr=lr, engine=engine)
+    losses: list[float] = []
+    with progress_bar(range(num_steps), progress=progress, desc="SVI") as bar:
+        for index in bar:
+            if lr_end is not None:
+                step.set_lr(scheduled_lr(lr, lr_end, index, num_steps))
+            try:
+                value = float(step(*args, **kwargs))
+            except FloatingPointError as error:
+                raise _non_finite(getattr(error, "loss", float("nan")), index) from error
+            losses.append(value)
+            if index % 50 == 0 or index == num_steps - 1:
+                bar.set_postfix(loss=f"{value:.4g}")
+    return losses
+
+
+def _non_finite(value, step: int) -> FloatingPointError:
+    """The error :func:`fit` raises when the loss of step ``step`` is ``value`` (NaN, ±inf or "invalid")."""
+    if step == 0:
+        return FloatingPointError(
+            f"the SVI loss is {value} at the first step, before any update: the model cannot "
+            "score this data at its initial parameters (check the data and the model's settings)"
+        )
+    return FloatingPointError(f"SVI loss became {value} at step {step}; try a smaller lr")
+
+
+def _fit_with_pyro_optim(model, guide, args, kwargs, num_steps, loss, progress, optim) -> list[float]:
+    """:func:`fit`'s loop with a Pyro optimizer: Pyro's ``SVI.step``, its scheduler advanced per step."""
     svi = SVI(model, guide, optim, loss or Trace_ELBO())
     losses: list[float] = []
     with progress_bar(range(num_steps), progress=progress, desc="SVI") as bar:
         for step in bar:
             value = svi.step(*args, **kwargs)
             if not math.isfinite(value):
-                if step == 0:
-                    raise FloatingPointError(
-                        f"the SVI loss is {value} at the first step, before any update: the model cannot "
-                        "score this data at its initial parameters (check the data and the model's settings)"
-                    )
-                raise FloatingPointError(f"SVI loss became {value} at step {step}; try a smaller lr")
+                raise _non_finite(value, step)
             losses.append(value)
             _advance_schedule(optim, value)
             if step % 50 == 0 or step == num_steps - 1:
