@@ -16,6 +16,12 @@ DDP overlaps its all-reduce with the backward pass, so this is an upper bound of
 
 Run: ``python benchmarks/distributed.py [--epochs 4] [--families vae ddpm] [--ddpm-images 1024]``; it
 starts torchrun itself (``python -m torch.distributed.run --standalone``) for each layout.
+
+``--two-nodes`` instead checks a 2-"node" run on this machine: ``pvae train ae`` by one process, then by two
+torchrun launchers (``--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``, rendezvous on localhost),
+and prints the largest relative difference between the two runs' parameters (float rounding: the same
+global batches, the same loss). It is kept out of the test suite: under heavy load its gloo workers were
+seen to abort (SIGABRT) while connecting across the two launchers.
 """
 
 from __future__ import annotations
@@ -97,11 +103,54 @@ def _launch(family: str, processes: int, threads: int, args) -> dict:
             return json.load(handle)
 
 
+AE_FLAGS = [
+    "--epochs", "2", "--num-train", "400", "--num-test", "100", "--batch-size", "100",
+    "--hidden-dim", "64", "--z-dim", "8", "--device", "cpu", "--json",
+]  # fmt: skip
+
+
+def two_nodes() -> None:
+    """The AE trained by one process and by two c10d 'nodes' on this machine: parameters compared."""
+    import socket
+
+    import pvae
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as folder:
+        one, two = os.path.join(folder, "one"), os.path.join(folder, "two")
+        command = [sys.executable, "-m", "pvae", "train", "ae", *AE_FLAGS, "--out", one]
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        node = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=pvae-bench",
+            "-m", "pvae", "train", "ae", *AE_FLAGS, "--out", two,
+        ]  # fmt: skip
+        launchers = [
+            subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in "ab"
+        ]
+        codes = [launcher.wait() for launcher in launchers]
+        if codes != [0, 0]:
+            raise SystemExit(f"the two launchers exited with {codes}")
+        first = pvae.load(os.path.join(one, "checkpoint.pt")).state_dict()
+        second = pvae.load(os.path.join(two, "checkpoint.pt")).state_dict()
+        worst = max(
+            float((first[key] - second[key]).abs().max() / first[key].abs().max().clamp_min(1e-12))
+            for key in first
+        )
+        print(
+            f"AE, 1 process vs 2 c10d nodes on one machine: largest relative parameter difference {worst:.1e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--families", nargs="+", default=["vae", "ddpm"], choices=["vae", "ddpm"])
     parser.add_argument("--ddpm-images", type=int, default=1024)
+    parser.add_argument("--two-nodes", action="store_true", help="check a 2-node run against 1 process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--family", default="vae", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -111,6 +160,9 @@ def main() -> None:
         parser.error("--epochs must be at least 2 (the first epoch is left out of the timing)")
     if args.worker:
         _worker(args)
+        return
+    if args.two_nodes:
+        two_nodes()
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU(s); median over epochs 2…{args.epochs}\n")
     print("| family | processes × threads | images/s | step (ms) | all-reduce (ms) | communication share |")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,25 +96,6 @@ def test_ae_under_torchrun_with_two_processes_equals_one_process(ae_one_process,
     # the checkpoint is the family's own (no DDP prefixes): evaluate reads it unchanged
     evaluated = _pvae("evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
-
-
-def test_ae_on_two_nodes_with_c10d_rendezvous_equals_one_process(ae_one_process, tmp_path):
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    node = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=pvae-test",
-        "-m", "pvae", "train", "ae", *AE_FLAGS, "--out", str(tmp_path),
-    ]  # fmt: skip
-    launchers = [
-        subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
-        for _ in range(2)
-    ]
-    outputs = [launcher.communicate(timeout=240) for launcher in launchers]
-    assert [launcher.returncode for launcher in launchers] == [0, 0], [err[-2000:] for _, err in outputs]
-    one, two = pvae.load(ae_one_process / "checkpoint.pt"), pvae.load(tmp_path / "checkpoint.pt")
-    assert _max_relative_difference(one.state_dict(), two.state_dict()) <= 1e-5
 
 
 def _noise(history: dict, epoch: int, steps_per_epoch: int) -> float:
