@@ -268,6 +268,18 @@ class ECDFBand:
     inside: bool
     num_ranks: int
 
+    def draw_band(self, axis) -> None:
+        """Shade the simultaneous band on a matplotlib ``axis`` (x: the fractional ranks)."""
+        axis.fill_between(
+            self.fractional_ranks.cpu().numpy(),
+            self.lower.cpu().numpy(),
+            self.upper.cpu().numpy(),
+            step="mid",
+            color="tab:grey",
+            alpha=0.3,
+            label=f"{self.level:.0%} simultaneous band",
+        )
+
 
 def _binomial_cdf(total: int, probability: float, like: torch.Tensor) -> torch.Tensor:
     """P(X ≤ k) for k = 0..n, X ~ Binomial(n, p), as an (n+1,) float64 tensor."""
@@ -448,15 +460,7 @@ class SBCResult:
         for site, axis in zip(sites, axes):
             band = self.ecdf_band(site, level=level)
             fractions = band.fractional_ranks.cpu().numpy()
-            axis.fill_between(
-                fractions,
-                band.lower.cpu().numpy(),
-                band.upper.cpu().numpy(),
-                step="mid",
-                color="tab:grey",
-                alpha=0.3,
-                label=f"{level:.0%} simultaneous band",
-            )
+            band.draw_band(axis)
             difference = band.ecdf_difference.cpu().numpy()
             axis.step(fractions, difference, where="mid", color="tab:blue", label="ranks")
             axis.axhline(0.0, color="k", linewidth=0.6)

@@ -211,15 +211,7 @@ def plot_ecdf_pair(results: dict, path: str, level: float = 0.95) -> str:
         band = result.ecdf_band("z", level=level)
         fractions = band.fractional_ranks.cpu().numpy()
         if index == 0:
-            axis.fill_between(
-                fractions,
-                band.lower.cpu().numpy(),
-                band.upper.cpu().numpy(),
-                step="mid",
-                color="tab:grey",
-                alpha=0.3,
-                label=f"{level:.0%} simultaneous band",
-            )
+            band.draw_band(axis)
         axis.step(
             fractions,
             band.ecdf_difference.cpu().numpy(),
