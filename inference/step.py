@@ -25,16 +25,16 @@ param-store re-tracing cost more than the network itself on small batches. Three
     ``weight_decay`` keeps the separate optimizer step.) The learning rate is an input of that graph, not a
     constant in it, so :meth:`SVIStep.set_lr` (a schedule) works with every engine.
 
-What tracing assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
+What recording assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
-Python values read from tensors (``bool(t)``, ``t.item()``: Pyro's and torch's validation checks, NaN
-warnings, data checks of a family) are not frozen silently: each becomes a *guard*, a 0-dim output of the
-graph that must equal the value seen while tracing. A step whose guards fail — invalid data, a NaN loss, a
-data-dependent branch — is recomputed eagerly, so validation errors are raised as usual; a program whose
-guards keep failing runs eagerly from then on (with a warning). Pyro's ``torch_item`` (the ``.item()``
-calls with which Trace_ELBO reports the loss as a float) is replaced by ``detach()`` while tracing, so the
-graph computes the loss value as a tensor. Batches whose shapes differ from the traced one (a last,
-smaller batch) run eagerly.
+The recording itself (:mod:`pvae.inference.recorder`) keeps validation alive: Python values read from
+tensors (``bool(t)``, ``t.item()``) become *guards*, and a step whose guards fail — invalid data, a NaN
+loss, a data-dependent branch — is recomputed eagerly, so validation errors are raised as usual; a program
+whose guards keep failing runs eagerly from then on (with a warning). The family's buffers are inputs of
+the graph (a program may read buffers that change between steps), and values a program hands out with
+:func:`pvae.inference.recorder.publish` (e.g. the terms an importance sampler records) reach their
+callbacks after every replay, before ``after_step``. Batches whose shapes differ from the recorded one (a
+last, smaller batch) run eagerly.
 
 Under ``torch.distributed`` (several processes, :mod:`pvae.inference.distributed`) the first step
 creates the pair's parameters without updating them and sets every rank's to rank 0's values; the eager
@@ -45,16 +45,13 @@ The loss returned is the average of the ranks' losses, so every rank sees the sa
 non-finite loss on one rank stops all of them. ``"compile"`` then keeps Adam outside the compiled graph,
 since the average has to sit between the recorded gradients and the update.
 
-(Longer than most modules: the three engines share one parameter capture, one optimizer and its saved
-state, and the guards that keep validation alive under a recorded graph; split, each half would need the
-other's internals.)
+(The recording lives in :mod:`pvae.inference.recorder`; this module is the step around it: one
+parameter capture, one optimizer and its saved state, for all three engines.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import sys
 import warnings
 from collections.abc import Callable
 
@@ -64,7 +61,7 @@ import torch
 from torch import nn
 
 from pvae.checkpoint import CheckpointError
-from pvae.inference import distributed
+from pvae.inference import distributed, recorder
 
 __all__ = ["ENGINES", "SVIStep"]
 
@@ -118,61 +115,6 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _loss_values_as_tensors():
-    """While tracing, let Pyro's ``torch_item`` (``x.item()``) return ``x.detach()`` instead of a float.
-
-    Trace_ELBO builds the reported loss from ``torch_item`` floats; traced, those would freeze the first
-    batch's value into the graph. Detached tensors give the same value and the same (zero) gradient.
-    """
-
-    def as_tensor(value):
-        return value.detach() if isinstance(value, torch.Tensor) else value
-
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("pyro.") and getattr(module, "torch_item", None) is not None:
-            original = module.torch_item
-            if getattr(original, "__module__", "") == "pyro.infer.util":
-                patched.append((module, original))
-                module.torch_item = as_tensor
-    try:
-        yield
-    finally:
-        for module, original in patched:
-            module.torch_item = original
-
-
-class _GuardRecorder:
-    """Records every tensor → Python scalar conversion made while ``make_fx`` traces (a dispatch mode)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        recorder = self
-        self.guards: list[tuple[torch.Tensor, object]] = []
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default:
-                    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
-                    with disable_proxy_modes_tracing():
-                        value = func(*args, **(kwargs or {}))
-                    recorder.guards.append((args[0], value))
-                    return value
-                return func(*args, **(kwargs or {}))
-
-        self.mode = _Mode()
-
-    def all_hold(self) -> torch.Tensor:
-        """A 0-dim bool tensor (traced): every recorded tensor still has the value seen while tracing."""
-        if not self.guards:
-            return torch.ones((), dtype=torch.bool)
-        checks = [tensor.reshape(()) == value for tensor, value in self.guards]
-        return torch.stack(checks).all()
-
-
 class SVIStep:
     """Callable SVI step: ``loss = step(*args, **kwargs)`` computes the ELBO loss and updates parameters.
 
@@ -223,6 +165,8 @@ class SVIStep:
         self._pending_optimizer_state: dict | None = None
         self._graph = None
         self._traced = None
+        self._recording: recorder.Recording | None = None
+        self._buffers: list[torch.Tensor] = []
         self._fused_update = False
         self._graph_signature = None
         self._lr_input: torch.Tensor | None = None  # the learning rate as an input of the compiled update
@@ -457,8 +401,8 @@ class SVIStep:
     def _call_graph(self, data: list[torch.Tensor]):
         if self._fused_update:
             self._lr_input.fill_(self.optimizer.param_groups[0]["lr"])
-            return self._graph(self.params, self._adam_state(), self._lr_input, data)
-        return self._graph(self.params, data)
+            return self._graph(self.params, self._buffers, self._adam_state(), self._lr_input, data)
+        return self._graph(self.params, self._buffers, data)
 
     def _run_graph(self, data: list[torch.Tensor]):
         if self._traced is None:
@@ -478,11 +422,8 @@ class SVIStep:
 
     def _graph_step(self, args, kwargs) -> torch.Tensor | None:
         with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
-            outputs = self._run_graph(_leaves((args, kwargs)))
-        if self._fused_update:
-            (loss, guards_hold), grads = outputs, None
-        else:
-            loss, grads, guards_hold = outputs
+            outputs, guards_hold, published = self._run_graph(_leaves((args, kwargs)))
+        loss, grads = (outputs, None) if self._fused_update else outputs
         if self.world_size > 1:  # one decision for all ranks: replay everywhere, or recompute everywhere
             totals = distributed.all_reduce_sum([float(loss), float(bool(guards_hold))], loss.device)
             guards_hold = bool(totals[1] == self.world_size)
@@ -506,6 +447,7 @@ class SVIStep:
             distributed.average_gradients(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self._recording.deliver(published)
         self.num_steps += 1
         if self.after_step is not None:
             self.after_step()
@@ -553,40 +495,27 @@ class SVIStep:
                 step.copy_(torch.where(ok, new_step, step))
 
     def _build_graph(self, args, kwargs, signature) -> None:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         self._graph_signature = signature
         params = self.params
-        treedef_args = (args, kwargs)
+        # the family's buffers are inputs of the graph, not constants frozen into it: a program may read
+        # buffers that change between steps (e.g. an importance sampler's history, updated by after_step)
+        self._buffers = [] if self.module is None else list(self.module.buffers())
         self._fused_update = self._adam_in_graph()
 
-        def loss_and_grads(params: list[torch.Tensor]):
-            recorder = _GuardRecorder()
-            with recorder.mode:
-                loss = self.elbo.differentiable_loss(
-                    self.model, self.guide, *treedef_args[0], **treedef_args[1]
-                )
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        def loss_and_grads(params, buffers, *rest):
+            loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            # one flag, one host sync per step: every guard holds and the loss is finite
-            return loss.detach(), grads, recorder.all_hold() & torch.isfinite(loss.detach())
+            return loss.detach(), grads
 
-        def step(params: list[torch.Tensor], data: list[torch.Tensor]):
-            return loss_and_grads(params)
+        def finite(outputs):  # one flag, one host sync per step: every guard holds and the loss is finite
+            return torch.isfinite(outputs[0])
 
-        def step_and_update(
-            params: list[torch.Tensor], state: list, lr: torch.Tensor, data: list[torch.Tensor]
-        ):
-            loss, grads, ok = loss_and_grads(params)
-            self._adam_update(params, grads, state, lr, ok)
-            return loss, ok
-
-        devices = [p.device for p in params if p.device.type == "cuda"][:1]
         saved = None
         try:
-            # Tracing runs the program once: keep the random number stream as if it had not, and (when the
-            # update is traced too) the parameters and optimizer state as they were.
-            with torch.random.fork_rng(devices=devices), _loss_values_as_tensors(), pyro.poutine.block():
+            # Recording runs the step once: keep the parameters and optimizer state as they were (when the
+            # update is recorded too), and Pyro's param store untouched by the recording pass.
+            with pyro.poutine.block():
                 if self._fused_update:
                     state = self._adam_state()
                     saved = [t.detach().clone() for t in (*params, *state[0], *state[1], *state[2])]
@@ -595,9 +524,16 @@ class SVIStep:
                         dtype=_lr_dtype(params[0]),
                         device=params[0].device,
                     )
-                    graph = make_fx(step_and_update)(params, state, self._lr_input, _leaves(treedef_args))
+
+                    def update(outputs, ok):
+                        self._adam_update(params, outputs[1], state, self._lr_input, ok)
+                        return outputs[0]
+
+                    inputs = (params, self._buffers, state, self._lr_input, _leaves((args, kwargs)))
+                    recording = recorder.record(loss_and_grads, *inputs, check=finite, then=update)
                 else:
-                    graph = make_fx(step)(params, _leaves(treedef_args))
+                    inputs = (params, self._buffers, _leaves((args, kwargs)))
+                    recording = recorder.record(loss_and_grads, *inputs, check=finite)
         except Exception as error:
             self.disabled_reason = f"tracing failed ({type(error).__name__}: {error})"
             warnings.warn(f"SVIStep: running eagerly, {self.disabled_reason}", stacklevel=3)
@@ -608,6 +544,8 @@ class SVIStep:
                 with torch.no_grad():
                     for tensor, value in zip((*params, *state[0], *state[1], *state[2]), saved):
                         tensor.copy_(value)
+        self._recording = recording
+        graph = recording.graph
         if self.engine == "compile":
             self._traced = graph
             graph = torch.compile(graph, **self.compile_options)

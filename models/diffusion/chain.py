@@ -49,6 +49,7 @@ from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from torch.distributions import kl_divergence
 
+from pvae.inference.recorder import publish
 from pvae.models.diffusion.schedules import DiffusionSchedule
 from pvae.models.diffusion.steps import ForwardStep, ReverseStep, gaussian_kl
 from pvae.utils import progress_bar
@@ -339,7 +340,8 @@ def reverse_pair(
         with torch.no_grad():
             posterior = forward_posterior(schedule, x_t, x0, t, event_dims)
             scored = kernel if vlb_kernel is None else vlb_kernel
-            on_term(t, sum_rightmost(kl_divergence(posterior, scored), event_dims))
+            # published, not called: a recorded training step hands the replayed values to on_term
+            publish(on_term, t, sum_rightmost(kl_divergence(posterior, scored), event_dims))
     with poutine.scale(scale=scale):
         x_prev = pyro.sample(f"{prefix}_prev", kernel.to_event(event_dims))
     if vlb_kernel is not None:

@@ -312,13 +312,14 @@ class DDPM(Family):
         p_t ∝ √(mean of the last :data:`TERM_HISTORY` values of L_t²), mixed with :data:`UNIFORM_SHARE` of
         the uniform distribution, and uniform until every t has its history; otherwise uniform."""
         uniform = torch.full((self.timesteps,), 1.0 / self.timesteps, device=self.device)
-        if self.time_sampling != "importance" or bool((self.term_counts < TERM_HISTORY).any()):
+        if self.time_sampling != "importance":
             return uniform
+        # no branch on the history's values: a recorded training step reads them as they change
         weights = self.term_history.square().mean(1).sqrt()
         total = weights.sum()
-        if not bool(torch.isfinite(total)) or float(total) <= 0:
-            return uniform
-        return (1 - UNIFORM_SHARE) * weights / total + UNIFORM_SHARE * uniform
+        ready = (self.term_counts >= TERM_HISTORY).all() & torch.isfinite(total) & (total > 0)
+        mixed = (1 - UNIFORM_SHARE) * weights / torch.where(ready, total, 1.0) + UNIFORM_SHARE * uniform
+        return torch.where(ready, mixed, uniform)
 
     @torch.no_grad()
     def record_terms(self, t: torch.Tensor, terms: torch.Tensor) -> None:
@@ -337,6 +338,8 @@ class DDPM(Family):
         self.term_counts += in_batch
 
     def _observe_terms(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        """Keep a training step's terms for :meth:`after_step` (called through
+        :func:`pvae.inference.recorder.publish`, so a recorded step delivers them too)."""
         self._pending_terms = (t.reshape(-1), terms.reshape(-1))
 
     def _term_scale(self, draw: TimeDraw, weighting: str, x0: torch.Tensor):

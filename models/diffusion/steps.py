@@ -156,13 +156,11 @@ class ForwardStep(TorchDistribution):
         return self.loc + self.scale * noise
 
     def log_prob(self, value):
-        point = self.point
-        # the parts are checked as this step is (its arguments were checked when it was built)
-        if not bool(point.any()):  # no t = 1 entry (the common case)
-            return dist.Normal(self.loc, self.scale, validate_args=self._validate_args).log_prob(value)
+        # the parts are checked as this step is (its arguments were checked when it was built). Both parts
+        # are computed whatever the timesteps (no branch on the values: a recorded step replays any batch)
         checked = self._validate_args
         gaussian = dist.Normal(self.loc, self._safe_scale(), validate_args=checked).log_prob(value)
-        return torch.where(point, torch.zeros_like(gaussian), gaussian)
+        return torch.where(self.point, torch.zeros_like(gaussian), gaussian)
 
 
 class ReverseStep(TorchDistribution):
@@ -198,10 +196,10 @@ class ReverseStep(TorchDistribution):
 
     def log_prob(self, value):
         # the parts are checked as this step is (its arguments were checked when it was built)
+        # both parts are computed whatever the timesteps (no branch on the values, no shape that depends on
+        # them: a recorded step replays any batch)
         gaussian = dist.Normal(self.loc, self.scale, validate_args=self._validate_args).log_prob(value)
-        if not bool(self.decoder.any()):
-            return gaussian
-        if self._validate_args and not bool(pixel_grid.check(value[self.decoder.expand(value.shape)]).all()):
+        if self._validate_args and not bool((pixel_grid.check(value) | ~self.decoder).all()):
             raise ValueError("the decoder entries of the value must lie on the 256-level grid of [−1, 1]")
         # the continuous entries are discarded below; snapped to the grid they keep that branch finite
         on_grid = torch.where(self.decoder, value, _snap_to_grid(value))
@@ -214,8 +212,6 @@ class ReverseStep(TorchDistribution):
 @register_kl(ForwardStep, ReverseStep)
 def _kl_forward_step(q: ForwardStep, p: dist.Normal | ReverseStep) -> torch.Tensor:
     """KL(q ‖ p) per entry: the Gaussian KL where q is Gaussian, −log p(loc) where q is the point mass."""
-    point = q.point
-    if not bool(point.any()):  # no t = 1 entry (the common case): the Gaussian KL alone
-        return gaussian_kl(q.loc, q.scale.square(), p.loc, p.scale.square())
+    # both cases computed for every entry (no branch on the timesteps' values; see ForwardStep.log_prob)
     kl = gaussian_kl(q.loc, q._safe_scale().square(), p.loc, p.scale.square())
-    return torch.where(point, -p.log_prob(q.loc), kl)
+    return torch.where(q.point, -p.log_prob(q.loc), kl)

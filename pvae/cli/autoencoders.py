@@ -6,15 +6,16 @@ import math
 
 from pvae.cli.commands import FamilyCommands, RunData, register_commands
 from pvae.cli.common import (
+    add_engine_arguments,
     add_image_data_arguments,
     bounded_float,
     bounded_int,
     checked_data_settings,
+    engine_options,
     positive_float,
     positive_int,
     saved_setting,
 )
-from pvae.inference.step import ENGINES
 
 IMAGE_SIDE = 784  # 28 × 28 digits, flattened
 
@@ -61,12 +62,7 @@ def _add_arguments(kind: str):
                 default=0.25,
                 help="masking probability (in [0, 1)) or noise std (default 0.25)",
             )
-        parser.add_argument(
-            "--engine",
-            choices=ENGINES,
-            default="eager",
-            help="eager (default), trace (replay a recorded graph of the step) or compile (torch.compile it)",
-        )
+        add_engine_arguments(parser)
         parser.add_argument("--jit", action="store_true", help="Pyro's JitTrace_ELBO (TorchScript)")
 
     return add
@@ -119,7 +115,7 @@ def _config(kind: str):
 
 
 def _train_options(args) -> dict:
-    return {"jit": args.jit, "engine": args.engine, "num_particles": getattr(args, "num_particles", 1)}
+    return {"jit": args.jit, "num_particles": getattr(args, "num_particles", 1)} | engine_options(args)
 
 
 def _pictures(family, data: RunData, history, out: str, args) -> dict[str, str]:

@@ -118,6 +118,36 @@ def add_image_data_arguments(parser, datasets: tuple[str, ...]) -> None:
     parser.add_argument("--num-test", type=positive_int, default=None, help="test data points to use")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def add_engine_arguments(parser) -> None:
+    """``--engine`` (the step engine of :class:`pvae.inference.step.SVIStep`) and ``--compile-mode``."""
+    from pvae.inference.step import ENGINES
+
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="eager",
+        help="eager (default), trace (replay a recorded graph of the step) or compile (torch.compile it)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile mode with --engine compile: reduce-overhead replays CUDA graphs on a GPU "
+        "(default: torch's default mode)",
+    )
+
+
+def engine_options(args) -> dict:
+    """The :func:`pvae.inference.train` keywords of :func:`add_engine_arguments`' flags."""
+    mode = getattr(args, "compile_mode", None)
+    if mode is not None and args.engine != "compile":
+        raise UsageError(f"argument --compile-mode: needs --engine compile, got --engine {args.engine}")
+    return {"engine": args.engine, "compile_options": None if mode is None else {"mode": mode}}
+
+
 def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")

@@ -8,10 +8,12 @@ import time
 from pvae.cli.commands import FamilyCommands, RunData, register_commands
 from pvae.cli.common import (
     UsageError,
+    add_engine_arguments,
     add_image_data_arguments,
     bounded_float,
     bounded_int,
     checked_data_settings,
+    engine_options,
     optional_count,
     optional_seed,
     positive_int,
@@ -90,6 +92,7 @@ def _add_arguments(parser) -> None:
         default=list(defaults.channels),
         help=f"U-Net widths per level (default {' '.join(map(str, defaults.channels))})",
     )
+    add_engine_arguments(parser)
     parser.add_argument(
         "--picture-samples",
         type=positive_int,
@@ -282,6 +285,7 @@ register_commands(
         data=_data,
         config=_config,
         objectives=OBJECTIVES,
+        train_options=engine_options,
         pictures=_pictures,
         summary=_summary,
         describe=_describe,

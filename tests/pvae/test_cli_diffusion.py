@@ -21,12 +21,14 @@ def test_two_moons_train_evaluate_sample(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "ddpm", "--dataset", "two-moons", "--timesteps", "10", "--epochs", "2", "--num-train"]
     args += ["512", "--num-test", "128", "--batch-size", "128", "--objective", "meanfield", "--json"]
+    args += ["--engine", "trace", "--time-sampling", "importance"]  # a recorded step, its history delivered
     assert cli.main([*args, "--lr", "1e-3", "--lr-end", "1e-4", "--out", str(out)]) == 0
     summary = _json(capsys)
     assert summary["family"] == "ddpm" and summary["epochs"] == 2 and summary["objective"] == "meanfield"
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["train_config"]["lr_end"] == 1e-4 and saved["train_config"]["total_steps"] == 8
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the last step's
+    assert int(saved["state_dict"]["term_counts"].sum()) == 2 * 512  # every datum's term, graph steps too
     assert all(
         (out / name).exists() for name in ("checkpoint.pt", "samples.png", "chain.png", "training.png")
     )
@@ -66,8 +68,8 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
     [
         (["train", "ddpm", "--dataset", "two-moons", "--objective", "iwae"], "argument --objective: invalid"),
         (
-            ["train", "ddpm", "--dataset", "two-moons", "--engine", "trace"],
-            "unrecognized arguments: --engine",
+            ["train", "ddpm", "--dataset", "two-moons", "--compile-mode", "reduce-overhead"],
+            "argument --compile-mode: needs --engine compile",
         ),
         (["train", "vae", "--dataset", "two-moons"], "argument --dataset: invalid choice: 'two-moons'"),
         (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "--ema-decay"),
