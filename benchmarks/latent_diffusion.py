@@ -10,14 +10,14 @@ the 1,000 test digits, binarized once (seed 0), by
 - **Fréchet distance** of ``--quality-samples`` samples to the test digits (grey levels) in the features
   of ``pvae.metrics``' digit classifier, and the **entropy** of the samples' label histogram (log 10 when
   every digit is drawn equally often);
-- **train s**: wall time of the training runs (evaluation excluded).
+- **train s**: wall time of the training passes (``History.epoch_seconds``; evaluation excluded).
 
 Rows (``--parts``):
 
 - ``data``: no model — 1,000 mnist5k training digits (grey, and binarized) scored as samples: the floor
   of the Fréchet distance at this sample size;
 - ``vae``: the reference VAE, 784-400-20 MLP with its N(0, I) prior, trained on the LDM's whole schedule
-  (``--autoencoder-epochs`` at ``--lr``, then ``--epochs`` with the rate decaying to ``--lr-end``);
+  (``--autoencoder-epochs`` at ``--lr``, then ``--epochs`` from ``--prior-lr`` decaying to ``--lr-end``);
 - ``autoencoder``: the LDM's stage 1 (``--architecture mlp|conv``, ``--z-dim``), a VAE with its N(0, I)
   prior after ``--autoencoder-epochs`` — the same encoder and decoder as the two-stage LDM;
 - ``continued``: that autoencoder trained ``--epochs`` more with its N(0, I) prior on the second stage's
@@ -56,7 +56,7 @@ from pvae.data import BatchLoader, from_model_space
 from pvae.inference import train
 from pvae.models.diffusion import DDPM, TIME_SAMPLING
 from pvae.models.diffusion.schedules import REVERSE_VARIANCES
-from pvae.models.latent_diffusion import LatentDiffusion
+from pvae.models.latent_diffusion import RECIPES, LatentDiffusion, train_latent_diffusion
 from pvae.models.vae import ARCHITECTURES, VAE
 from pvae.report.autoencoders import image_split, image_test_loader
 from pvae.report.latent_diffusion import mean_stderr, per_image_elbo, sample_quality, spread_subset
@@ -93,19 +93,24 @@ class ModelSpaceDigits:
             yield (2 * x - 1).reshape(-1, 1, 28, 28)  # (B, 1, 28, 28) on the 256-level grid
 
 
-def timed_train(family, loader, epochs, args, *, lr_end=None, seed=None) -> float:
-    started = time.perf_counter()
-    train(
+def timed_train(family, loader, epochs, args, lr, *, lr_end=None, seed=None) -> float:
+    """Train on ``--objective``; returns the seconds of the training passes."""
+    history = train(
         family,
         loader,
         epochs=epochs,
         objective=args.objective,
-        lr=args.lr,
+        lr=lr,
         lr_end=lr_end,
         seed=seed,
         progress=False,
     )
-    return time.perf_counter() - started
+    return train_seconds(history)
+
+
+def train_seconds(history) -> float:
+    """Wall time of a run's training passes (its epochs' evaluations excluded)."""
+    return sum(history.epoch_seconds)
 
 
 def samples_of(family, count: int, seed: int) -> torch.Tensor:
@@ -132,7 +137,7 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
     first_epochs, second_epochs = args.autoencoder_epochs, args.epochs
     seed_everything(args.seed)
     first = LatentDiffusion(**config)
-    first_seconds = timed_train(first, loader, first_epochs, args, seed=args.seed)
+    first_seconds = timed_train(first, loader, first_epochs, args, args.lr, seed=args.seed)
     first_state = copy.deepcopy(first.state_dict())
     label = f"{ARCHITECTURE_NAMES[args.architecture]} autoencoder, z = {args.z_dim}"
 
@@ -157,7 +162,7 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
     if "continued" in args.parts:
         family = LatentDiffusion(**config)
         family.load_state_dict(first_state)
-        seconds = timed_train(family, loader, second_epochs, args, lr_end=args.lr_end)
+        seconds = timed_train(family, loader, second_epochs, args, args.prior_lr, lr_end=args.lr_end)
         rows.append(
             scored(
                 f"{label}, N(0, I) prior, continued",
@@ -166,20 +171,31 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
                 f"{first_seconds:.0f} + {seconds:.0f}",
             )
         )
-    for recipe, stage in (("two-stage", "prior"), ("joint", "joint")):
+    for recipe in RECIPES:
         if recipe not in args.parts:
             continue
         family = LatentDiffusion(**config)
         family.load_state_dict(first_state)
-        family.set_stage(stage)
-        scale = family.fit_latent_scale(train_grey.bernoulli())
-        seconds = timed_train(family, loader, second_epochs, args, lr_end=args.lr_end)
+        run = train_latent_diffusion(
+            family,
+            loader,
+            recipe=recipe,
+            first_epochs=0,  # the first stage trained above
+            epochs=second_epochs,
+            objective=args.objective,
+            lr=args.lr,
+            prior_lr=args.prior_lr,
+            lr_end=args.lr_end,
+            latent_data=train_grey.bernoulli(),
+            seed=args.seed,
+            progress=False,
+        )
         rows.append(
             scored(
-                f"LDM {recipe} (latent scale {scale:.3g})",
+                f"LDM {recipe} (latent scale {float(family.latent_scale):.3g})",
                 family,
                 f"{first_epochs} + {second_epochs}",
-                f"{first_seconds:.0f} + {seconds:.0f}",
+                f"{first_seconds:.0f} + {train_seconds(run.second):.0f}",
             )
         )
     return rows
@@ -189,8 +205,8 @@ def vae_row(args, loader, test_x, test_grey) -> Row:
     """The reference VAE on the LDM's schedule: constant rate, then the second stage's decaying one."""
     seed_everything(args.seed)
     vae = VAE(x_dim=784, z_dim=args.vae_z_dim, hidden_dim=400)
-    first = timed_train(vae, loader, args.autoencoder_epochs, args, seed=args.seed)
-    second = timed_train(vae, loader, args.epochs, args, lr_end=args.lr_end)
+    first = timed_train(vae, loader, args.autoencoder_epochs, args, args.lr, seed=args.seed)
+    second = timed_train(vae, loader, args.epochs, args, args.prior_lr, lr_end=args.lr_end)
     vae.eval()
     values = per_image_elbo(vae.elbo, test_x, draws=args.elbo_draws, seed=args.seed)
     distance, entropy = sample_quality(samples_of(vae, args.quality_samples, args.seed), test_grey)
@@ -219,8 +235,7 @@ def ddpm_row(args, train_grey, test_x, test_grey) -> Row:
     loader = ModelSpaceDigits(
         BatchLoader(train_grey, batch_size=args.ddpm_batch_size, binarize="dynamic", seed=args.seed)
     )
-    started = time.perf_counter()
-    train(
+    history = train(
         family,
         loader,
         epochs=args.ddpm_epochs,
@@ -230,7 +245,7 @@ def ddpm_row(args, train_grey, test_x, test_grey) -> Row:
         seed=args.seed,
         progress=False,
     )
-    seconds = time.perf_counter() - started
+    seconds = train_seconds(history)
     family.eval()
     images = spread_subset(args.ddpm_eval_images, len(test_x))
     model_space = (2 * test_x[images] - 1).reshape(-1, 1, 28, 28)  # (n, 1, 28, 28) in {−1, 1}
@@ -277,6 +292,7 @@ def cell(values: torch.Tensor | None) -> str:
 
 def main(args):
     torch.set_num_threads(args.threads)
+    args.prior_lr = args.lr if args.prior_lr is None else args.prior_lr
     pyro.enable_validation(True)
     train_grey, _ = image_split("mnist5k", "train", None, None, args.seed)  # (4000, 784)
     test_grey, test_labels = image_split("mnist5k", "test", None, None, args.seed)  # (1000, 784)
@@ -305,7 +321,7 @@ def main(args):
         f"\nmnist5k, batch {args.batch_size}, `{args.objective}` objective; latent models: "
         f"{args.architecture} autoencoder z = {args.z_dim} (hidden {args.hidden_dim}), prior chain "
         f"T = {args.timesteps} (denoiser width {args.prior_hidden_dim}); stage 1 at rate {args.lr:g}, "
-        f"second stages {args.lr:g} → {args.lr_end:g}. Test ELBO: {args.elbo_draws} draw(s) per image; "
+        f"second stages {args.prior_lr:g} → {args.lr_end:g}. Test ELBO: {args.elbo_draws} draw(s) per image; "
         f"{args.quality_samples} samples per model; label entropy in nats (log 10 = {math.log(10):.3f}). "
         f"Whole run {total / 60:.1f} min.\n"
     )
@@ -348,7 +364,8 @@ if __name__ == "__main__":
     parser.add_argument("--autoencoder-epochs", type=int, default=30, help="stage 1 (and the VAE's first)")
     parser.add_argument("--epochs", type=int, default=60, help="second stages (and the VAE's second)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="rate of the first stages")
+    parser.add_argument("--prior-lr", type=float, default=None, help="first rate of the second stages (--lr)")
     parser.add_argument("--lr-end", type=float, default=1e-4, help="last rate of the second stages")
     parser.add_argument("--objective", choices=("meanfield", "elbo"), default="meanfield")
     parser.add_argument("--elbo-draws", type=int, default=4, help="ELBO draws averaged per test image")

@@ -6,7 +6,7 @@ followed by the forward (noising) process z_0 → z_T. Both are one Pyro model/g
 (``pvae.models.latent_diffusion.LatentDiffusion``), so Trace_ELBO on them bounds log p(x) over the whole
 hierarchy.
 
-The two-stage recipe, run here through ``pvae.inference.train``:
+The two-stage recipe, run here by ``train_latent_diffusion`` (each stage a ``pvae.inference.train`` run):
 
 1. stage ``"autoencoder"``: the VAE with its N(0, I) prior (the chain frozen);
 2. ``fit_latent_scale``: latents scaled to unit spread for the chain (this changes no bound: model and
@@ -33,8 +33,7 @@ import torch
 
 from pvae import plots
 from pvae.data import BatchLoader, load_images
-from pvae.inference import train
-from pvae.models.latent_diffusion import LatentDiffusion
+from pvae.models.latent_diffusion import LatentDiffusion, train_latent_diffusion
 from pvae.utils import resolve_device, seed_everything
 
 
@@ -68,36 +67,30 @@ def main(args):
         stage="autoencoder",
     ).to(device)
 
-    # 1. the autoencoder, a VAE with a N(0, I) prior
-    history = train(
+    # 1. the autoencoder, 2. latents of unit spread, 3. the diffusion prior on the frozen encoder's latents
+    run = train_latent_diffusion(
         ldm,
         loader,
-        epochs=args.autoencoder_epochs,
-        objective="meanfield",
-        lr=args.learning_rate,
-        progress=False,
-    )
-    print(f"stage 'autoencoder', {history.epochs} epochs: train ELBO {history.train_elbo[-1]:.2f} nats/image")
-    ldm.eval()
-    before = test_elbo(ldm.autoencoder.elbo, test_x, args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    vae_samples = ldm.autoencoder.sample(args.num_samples, generator=generator)
-
-    # 2. latents of unit spread for the chain, 3. the diffusion prior on the frozen encoder's latents
-    ldm.set_stage("prior")
-    scale = ldm.fit_latent_scale(loader.data.bernoulli())
-    history = train(
-        ldm,
-        loader,
+        recipe="two-stage",
+        first_epochs=args.autoencoder_epochs,
         epochs=args.epochs,
         objective="meanfield",
         lr=args.learning_rate,
+        prior_lr=args.prior_lr,
         lr_end=args.lr_end,
+        latent_data=loader.data.bernoulli(),
+        seed=args.seed,
         progress=False,
     )
-    print(f"stage 'prior', {history.epochs} epochs, latent scale {scale:.3g}")
+    first, second = run.first, run.second
+    print(f"stage 'autoencoder', {first.epochs} epochs: train ELBO {first.train_elbo[-1]:.2f} nats/image")
+    print(f"stage 'prior', {second.epochs} epochs, latent scale {float(ldm.latent_scale):.3g}")
     ldm.eval()
+    # stage 3 froze the encoder and decoder: ldm.autoencoder is still the VAE of stage 1
+    before = test_elbo(ldm.autoencoder.elbo, test_x, args.seed)
     after = test_elbo(ldm.elbo, test_x, args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    vae_samples = ldm.autoencoder.sample(args.num_samples, generator=generator)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ldm_samples = ldm.sample(args.num_samples, steps=args.sample_steps, generator=generator)
 
@@ -124,7 +117,8 @@ if __name__ == "__main__":
     parser.add_argument("--autoencoder-epochs", default=20, type=int, help="stage 1")
     parser.add_argument("-n", "--epochs", default=40, type=int, help="stage 2, the prior")
     parser.add_argument("--batch-size", default=128, type=int)
-    parser.add_argument("-lr", "--learning-rate", default=2e-3, type=float)
+    parser.add_argument("-lr", "--learning-rate", default=2e-3, type=float, help="stage 1's rate")
+    parser.add_argument("--prior-lr", default=None, type=float, help="stage 3's rate (default: -lr)")
     parser.add_argument("--lr-end", default=1e-4, type=float, help="the prior stage's last learning rate")
     parser.add_argument("--num-train", default=4000, type=int, help="training digits used")
     parser.add_argument("--num-test", default=1000, type=int, help="test digits, spread over the classes")

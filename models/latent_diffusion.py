@@ -28,11 +28,16 @@ steps reweighted as DDPM's L_simple: **not an ELBO**).
 the VAE with its N(0, I) prior (the prior chain frozen); ``"prior"`` freezes the VAE and fits the chain to
 its latents (the two-stage recipe of LDM); ``"joint"`` trains everything on the whole ELBO (warm-started
 from the first stage). :meth:`LatentDiffusion.fit_latent_scale` sets s from the encoder's means.
+
+**Recipes** (:data:`RECIPES`, run by :func:`train_latent_diffusion` through :func:`pvae.inference.train`):
+``"two-stage"`` = stage ``"autoencoder"``, then s, then stage ``"prior"``; ``"joint"`` = the same first
+stage and s, then stage ``"joint"``. Each stage has its own learning rate and checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pyro
@@ -41,20 +46,34 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
+from pvae.checkpoint import load_checkpoint, restore_family
 from pvae.checks import check_choice, check_int
 from pvae.family import Family, data_plate, register_family
+from pvae.inference import History, distributed, train
 from pvae.models.ae import FlatPrior
 from pvae.models.diffusion import DDPM, forward_chain, reverse_chain
 from pvae.models.diffusion.config import TIME_SAMPLING
 from pvae.models.vae import ARCHITECTURES, LIKELIHOODS, VAE
 from pvae.utils import bits_per_dim
 
-__all__ = ["STAGES", "LatentDiffusion", "LatentDiffusionConfig"]
+__all__ = [
+    "RECIPES",
+    "STAGES",
+    "LatentDiffusion",
+    "LatentDiffusionConfig",
+    "LatentDiffusionRun",
+    "train_latent_diffusion",
+]
 
 OBJECTIVES = ("elbo", "meanfield", "simple")  # of the prior's chain, whose variances are fixed
 
 #: What :meth:`LatentDiffusion.svi_program` trains: the VAE alone, the prior alone, or both.
 STAGES = ("autoencoder", "prior", "joint")
+
+#: The training recipes (:func:`train_latent_diffusion`): recipe → the stage its second run trains.
+RECIPES = {"two-stage": "prior", "joint": "joint"}
+
+_AUTOENCODER_OBJECTIVES = ("elbo", "meanfield")  # the first stage trains a VAE: an ELBO, never "simple"
 
 
 @dataclass
@@ -332,3 +351,122 @@ class LatentDiffusion(Family):
 
 def _trainable(module: nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
+
+
+# ---- the training recipes ------------------------------------------------------------------------------
+@dataclass
+class LatentDiffusionRun:
+    """The histories of :func:`train_latent_diffusion`'s two stages.
+
+    :param first: stage ``"autoencoder"``'s :class:`~pvae.inference.History` (of a reused finished first
+        stage: its saved one); None when the call ran no first stage (``first_epochs=0``, or a resumed
+        second stage).
+    :param second: the recipe's second stage's; None when ``epochs=0``.
+    """
+
+    first: History | None
+    second: History | None
+
+
+def train_latent_diffusion(
+    family: LatentDiffusion,
+    train_loader,
+    test_loader=None,
+    *,
+    recipe: str = "two-stage",
+    first_epochs: int,
+    epochs: int,
+    lr: float = 1e-3,
+    prior_lr: float | None = None,
+    lr_end: float | None = None,
+    objective: str = "meanfield",
+    latent_data: torch.Tensor,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    seed: int | None = None,
+    progress: bool = True,
+    metadata: dict | None = None,
+    callback=None,
+    **options,
+) -> LatentDiffusionRun:
+    """Train ``family`` by ``recipe`` (:data:`RECIPES`), each stage one :func:`pvae.inference.train` run.
+
+    1. Stage ``"autoencoder"``: ``first_epochs`` epochs of the VAE with its N(0, I) prior at the constant
+       rate ``lr``, on ``objective`` (an ELBO: ``"simple"``, which reweighs the chain, trains it as
+       ``"meanfield"``). ``first_epochs=0`` takes the autoencoder as it stands (e.g. a copy of another
+       run's first stage).
+    2. The recipe's stage, and s = 1/spread of the encoder's means over ``latent_data``
+       (:meth:`LatentDiffusion.fit_latent_scale`).
+    3. That stage for ``epochs`` epochs on ``objective``, the rate going from ``prior_lr`` (default
+       ``lr``) to ``lr_end`` (default: constant). ``epochs=0`` stops after step 2, for a caller that
+       trains the second stage itself (``pvae train ldm`` does, with its shared training flags).
+
+    With ``out``, the first stage is checkpointed in ``out/autoencoder/checkpoint.pt`` and the second in
+    ``out/checkpoint.pt``. With ``resume``: a second stage already saved is continued and the first stage
+    left alone (the second's checkpoint holds every weight and s); otherwise a first stage saved with at
+    least ``first_epochs`` epochs is reused as it is, a shorter one continued. Under ``torchrun`` every
+    process learns from rank 0 what is saved.
+
+    :param family: a :class:`LatentDiffusion`, in any stage.
+    :param train_loader, test_loader: as :func:`pvae.inference.train` takes them, for both stages.
+    :param latent_data: (N, x_dim) data as the encoder sees it (e.g. a binarized draw of the training
+        digits) whose encoder means set s.
+    :param overwrite, allow_changes, seed, progress, metadata: :func:`pvae.inference.train`'s, for both
+        stages (``seed`` re-seeds each, so a second stage does not depend on how its first stage came to be).
+    :param callback: :func:`pvae.inference.train`'s, after every epoch of either stage
+        (``family.stage`` says which).
+    :param options: further :func:`pvae.inference.train` keywords for both stages (e.g. ``engine``).
+    :returns: the :class:`LatentDiffusionRun`.
+    """
+    stage = RECIPES[check_choice("recipe", recipe, tuple(RECIPES))]
+    first_epochs = check_int("first_epochs", first_epochs, low=0)
+    epochs = check_int("epochs", epochs, low=0)
+
+    def run(epochs_of_stage: int, checkpoint: str | None, **settings) -> History:
+        return train(
+            family,
+            train_loader,
+            test_loader,
+            epochs=epochs_of_stage,
+            checkpoint=checkpoint,
+            resume=resume,
+            overwrite=overwrite,
+            allow_changes=allow_changes,
+            seed=seed,
+            progress=progress,
+            metadata=metadata,
+            callback=callback,
+            **settings,
+            **options,
+        )
+
+    def saved(*folders: str) -> tuple[str | None, bool]:  # a checkpoint under out; found when resuming
+        path = None if out is None else os.path.join(out, *folders, "checkpoint.pt")
+        found = resume and path is not None and distributed.from_main_process(lambda: os.path.exists(path))
+        return path, found
+
+    second_path, second_saved = saved()
+    first_path, first_saved = saved("autoencoder")
+    first = None
+    if first_epochs and not second_saved:
+        family.set_stage("autoencoder")  # as the first stage's checkpoint holds it
+        if first_saved:
+            checkpoint = distributed.from_main_process(lambda: load_checkpoint(first_path))
+            if checkpoint["epoch"] >= first_epochs:  # finished: reuse it as it is
+                restore_family(family, checkpoint, device=family.device)
+                first = History.from_dict(checkpoint["history"] or {})
+        if first is None:
+            if first_path is not None:
+                os.makedirs(os.path.dirname(first_path), exist_ok=True)
+            first_objective = objective if objective in _AUTOENCODER_OBJECTIVES else "meanfield"
+            first = run(first_epochs, first_path, objective=first_objective, lr=lr)
+    family.set_stage(stage)
+    if not second_saved:  # a saved second stage restores s with its weights
+        family.fit_latent_scale(latent_data)
+    second = None
+    if epochs:
+        second_lr = lr if prior_lr is None else prior_lr
+        second = run(epochs, second_path, objective=objective, lr=second_lr, lr_end=lr_end)
+    return LatentDiffusionRun(first, second)

@@ -221,40 +221,50 @@ def write_history(history, path: str) -> None:
     write_atomically(path, lambda handle: json.dump(history.to_dict(), handle), binary=False)
 
 
+def run_settings(args) -> dict:
+    """The :func:`pvae.inference.train` keywords every run of ``pvae train`` takes from the shared flags
+    (what may happen to a run already there, the seed, the progress bar)."""
+    return {
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "allow_changes": args.allow_changes,
+        "seed": args.seed,
+        "progress": not args.json,
+    }
+
+
+def history_writer(path: str):
+    """A :func:`pvae.inference.train` callback writing the history to ``path`` after every epoch (rank 0
+    alone, under torchrun)."""
+    from pvae.inference import distributed
+
+    def record(epoch, history):
+        if distributed.is_main_process():
+            write_history(history, path)
+
+    return record
+
+
 def train_and_record(family, args, train_loader, test_loader, out: str, metadata: dict, **options):
     """Train ``family`` with the options every family shares (epochs, objective, learning rate and its
     decay, seed, progress, checkpoint in ``out``, ``--resume``/``--overwrite``/``--allow-changes``), write
     ``out/history.json`` after every epoch (rank 0 alone, under torchrun) and switch the family to
-    evaluation mode. ``metadata`` joins
-    the checkpoint's record of the data; ``options`` go to :func:`pvae.inference.train`. Returns
-    ``(history, checkpoint path)``."""
-    from pvae.inference import distributed, train
+    evaluation mode. ``metadata`` joins the checkpoint's record of the data; ``options`` go to
+    :func:`pvae.inference.train`, taking precedence over the shared flags (e.g. a second stage's own
+    ``lr``). Returns ``(history, checkpoint path)``."""
+    from pvae.inference import train
 
     checkpoint = os.path.join(out, "checkpoint.pt")
-    history_path = os.path.join(out, "history.json")
-
-    def record(epoch, history):
-        if distributed.is_main_process():
-            write_history(history, history_path)
-
-    history = train(
-        family,
-        train_loader,
-        test_loader,
-        epochs=args.epochs,
-        objective=args.objective,
-        lr=args.lr,
-        lr_end=args.lr_end,
-        checkpoint=checkpoint,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        allow_changes=args.allow_changes,
-        seed=args.seed,
-        progress=not args.json,
-        metadata={"batch_size": args.batch_size} | metadata,
-        callback=record,
-        **options,
-    )
+    settings = {
+        "epochs": args.epochs,
+        "objective": args.objective,
+        "lr": args.lr,
+        "lr_end": args.lr_end,
+        "checkpoint": checkpoint,
+        "metadata": {"batch_size": args.batch_size} | metadata,
+        "callback": history_writer(os.path.join(out, "history.json")),
+    }
+    history = train(family, train_loader, test_loader, **(settings | run_settings(args) | options))
     family.eval()
     return history, checkpoint
 

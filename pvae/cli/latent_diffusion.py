@@ -1,10 +1,12 @@
 """The latent diffusion model's command-line face: ``pvae train ldm`` (two recipes), evaluation, samples.
 
 ``pvae train ldm --recipe two-stage`` trains the autoencoder (a VAE with a N(0, I) prior) for
-``--autoencoder-epochs`` into ``OUT/autoencoder/``, scales the latents to unit spread, then fits the
-diffusion prior on the frozen encoder's latents for ``--epochs`` into ``OUT/``; ``--recipe joint``
-continues from the same first stage on the whole ELBO, everything trained. Both stages are checkpointed;
-``--resume`` continues whichever is unfinished.
+``--autoencoder-epochs`` at ``--lr`` into ``OUT/autoencoder/``, scales the latents to unit spread, then
+fits the diffusion prior on the frozen encoder's latents for ``--epochs`` at ``--prior-lr`` into ``OUT/``;
+``--recipe joint`` continues from the same first stage on the whole ELBO, everything trained. Both stages
+are checkpointed; ``--resume`` continues whichever is unfinished. The recipe is
+:func:`pvae.models.latent_diffusion.train_latent_diffusion`: its first stage and the switch run here
+(``first_stage``), its second stage is the run every family's ``pvae train`` makes.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ from pvae.cli.autoencoders import IMAGE_SIDE, image_data, read_test_digits
 from pvae.cli.commands import FamilyCommands, RunData, register_commands
 from pvae.cli.common import (
     UsageError,
+    add_engine_arguments,
     add_image_data_arguments,
     bounded_int,
+    engine_options,
+    history_writer,
+    positive_float,
     positive_int,
-    train_and_record,
+    run_settings,
 )
 from pvae.cli.diffusion import add_chain_arguments
-from pvae.models.latent_diffusion import LatentDiffusionConfig
+from pvae.models.latent_diffusion import RECIPES, LatentDiffusionConfig
 from pvae.models.vae import ARCHITECTURES
 
-RECIPES = {"two-stage": "prior", "joint": "joint"}  # recipe → the stage its second run trains
-AUTOENCODER_OBJECTIVES = ("elbo", "meanfield")
+LATENT_SCALE_DIGITS = 4000  # training digits whose encoder means set the latent scale
 
 
 def _add_arguments(parser) -> None:
@@ -45,7 +50,14 @@ def _add_arguments(parser) -> None:
         "--autoencoder-epochs",
         type=bounded_int(1, 100_000),
         default=10,
-        help="epochs of the first stage, the autoencoder with a N(0, I) prior (default 10)",
+        help="epochs of the first stage, the autoencoder with a N(0, I) prior, at --lr (default 10)",
+    )
+    parser.add_argument(
+        "--prior-lr",
+        type=positive_float,
+        default=None,
+        help="Adam learning rate of the second stage (the prior; everything with --recipe joint), decaying "
+        "to --lr-end if given (default: --lr)",
     )
     parser.add_argument(
         "--architecture",
@@ -69,6 +81,7 @@ def _add_arguments(parser) -> None:
         default=defaults.prior_hidden_dim,
         help=f"width of the prior's denoiser ({defaults.prior_hidden_dim})",
     )
+    add_engine_arguments(parser)
 
 
 def _data(args, device) -> RunData:
@@ -91,37 +104,34 @@ def _config(args, data: RunData) -> dict:
 
 
 def _first_stage(family, args, data: RunData, out: str) -> None:
-    """Train (or resume, or reuse) the autoencoder in ``out/autoencoder``, then switch to the recipe's stage
-    with the latents scaled to unit spread."""
-    import argparse
+    """The recipe up to its second stage (:func:`~pvae.models.latent_diffusion.train_latent_diffusion` with
+    ``epochs=0``): the autoencoder trained, resumed or reused in ``out/autoencoder`` (with its own
+    ``history.json``), then the recipe's stage with the latents scaled to unit spread. The run that follows
+    (every family's ``pvae train`` run, with :func:`_train_options`) trains the second stage."""
+    from pvae.models.latent_diffusion import train_latent_diffusion
 
-    from pvae.checkpoint import load_checkpoint, restore_family
-    from pvae.inference.distributed import from_main_process
-
-    stage = RECIPES[args.recipe]
-    first = os.path.join(out, "autoencoder")
-    # under torchrun the files are rank 0's: every process learns what rank 0 finds
-    if args.resume and from_main_process(lambda: os.path.exists(os.path.join(out, "checkpoint.pt"))):
-        family.set_stage(stage)  # the second stage's checkpoint restores every weight and the scale
-        return
-    saved = os.path.join(first, "checkpoint.pt")
-    finished = False
-    if args.resume and from_main_process(lambda: os.path.exists(saved)):
-        checkpoint = from_main_process(lambda: load_checkpoint(saved))
-        finished = checkpoint["epoch"] >= args.autoencoder_epochs
-        if finished:
-            restore_family(family, checkpoint, device=family.device)
-    if not finished:
-        objective = args.objective if args.objective in AUTOENCODER_OBJECTIVES else "meanfield"
-        settings = argparse.Namespace(**vars(args))
-        settings.epochs, settings.objective, settings.lr_end = args.autoencoder_epochs, objective, None
-        os.makedirs(first, exist_ok=True)
-        family.set_stage("autoencoder")
-        train_and_record(family, settings, data.train_loader, data.test_loader, first, data.metadata)
-    family.set_stage(stage)
     train_x = data.extra["train_x"]
-    family.fit_latent_scale(train_x[: min(len(train_x), 4000)].bernoulli())
-    family.train()
+    train_latent_diffusion(
+        family,
+        data.train_loader,
+        data.test_loader,
+        recipe=args.recipe,
+        first_epochs=args.autoencoder_epochs,
+        epochs=0,
+        lr=args.lr,
+        objective=args.objective,
+        latent_data=train_x[:LATENT_SCALE_DIGITS].bernoulli(),
+        out=out,
+        metadata={"batch_size": args.batch_size} | data.metadata,
+        callback=history_writer(os.path.join(out, "autoencoder", "history.json")),
+        **run_settings(args),
+        **engine_options(args),
+    )
+
+
+def _train_options(args) -> dict:
+    """The second stage's own learning rate (``--prior-lr``, default ``--lr``) and the step engine."""
+    return {"lr": args.lr if args.prior_lr is None else args.prior_lr} | engine_options(args)
 
 
 def _summary(family, data: RunData, history, args) -> dict:
@@ -244,6 +254,7 @@ register_commands(
         add_evaluate_arguments=_add_evaluate_arguments,
         sample=_sample,
         first_stage=_first_stage,
+        train_options=_train_options,
         test_data=_test_data,
     ),
 )

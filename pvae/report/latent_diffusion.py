@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,7 +77,8 @@ class LatentDiffusionDemo:
     batch_size: int = 128
     autoencoder_epochs: int = 20
     prior_epochs: int = 40
-    lr: float = 2e-3
+    lr: float = 2e-3  # the first stage's
+    prior_lr: float = 2e-3  # the second stage's, decaying to lr_end
     lr_end: float = 1e-4
     objective: str = "meanfield"
     num_train: int | None = None  # None: all 4,000 training digits
@@ -110,8 +110,7 @@ def latent_diffusion_section(
 
     from pvae import plots
     from pvae.data import BatchLoader
-    from pvae.inference import train
-    from pvae.models.latent_diffusion import LatentDiffusion
+    from pvae.models.latent_diffusion import LatentDiffusion, train_latent_diffusion
     from pvae.report.autoencoders import image_split, image_test_loader
     from pvae.utils import resolve_device, seed_everything
 
@@ -132,39 +131,32 @@ def latent_diffusion_section(
         stage="autoencoder",
     ).to(device)
 
-    started = time.perf_counter()
-    train(
+    run = train_latent_diffusion(
         family,
         loader,
-        epochs=settings.autoencoder_epochs,
-        objective=settings.objective,
-        lr=settings.lr,
-        seed=ctx.seed,
-        progress=False,
-    )
-    autoencoder_seconds = time.perf_counter() - started
-    family.eval()
-    autoencoder_elbo = per_image_elbo(family.autoencoder.elbo, test_x, seed=ctx.seed)
-    generator = torch.Generator(device=device).manual_seed(ctx.seed)
-    autoencoder_samples = family.autoencoder.sample(settings.quality_samples, generator=generator).cpu()
-
-    family.set_stage("prior")
-    latent_scale = family.fit_latent_scale(loader.data.bernoulli())
-    started = time.perf_counter()
-    train(
-        family,
-        loader,
+        recipe="two-stage",
+        first_epochs=settings.autoencoder_epochs,
         epochs=settings.prior_epochs,
         objective=settings.objective,
         lr=settings.lr,
+        prior_lr=settings.prior_lr,
         lr_end=settings.lr_end,
+        latent_data=loader.data.bernoulli(),
+        seed=ctx.seed,
         progress=False,
     )
-    prior_seconds = time.perf_counter() - started
+    autoencoder_seconds, prior_seconds = sum(run.first.epoch_seconds), sum(run.second.epoch_seconds)
+    latent_scale = float(family.latent_scale)
     family.eval()
+    # the two-stage recipe froze the autoencoder: after the second stage it is still the first stage's VAE
+    autoencoder_elbo = per_image_elbo(family.autoencoder.elbo, test_x, seed=ctx.seed)
     ldm_elbo = per_image_elbo(family.elbo, test_x, seed=ctx.seed)
-    generator = torch.Generator(device=device).manual_seed(ctx.seed)
-    ldm_samples = family.sample(settings.quality_samples, generator=generator).cpu()
+
+    def samples_of(model):  # decoder means, from the same seed for both priors
+        generator = torch.Generator(device=device).manual_seed(ctx.seed)
+        return model.sample(settings.quality_samples, generator=generator).cpu()
+
+    autoencoder_samples, ldm_samples = samples_of(family.autoencoder), samples_of(family)
 
     quality = {
         "vae": sample_quality(autoencoder_samples, test_grey),
@@ -204,12 +196,12 @@ def latent_diffusion_section(
         f"hidden_dim={settings.hidden_dim}, timesteps={settings.timesteps},",
         f"prior_hidden_dim={settings.prior_hidden_dim})`, the two-stage recipe on the {len(train_x):,}",
         "mnist5k training digits (binarized afresh every batch), batch",
-        f"{settings.batch_size}, `{settings.objective}` objective, `pvae.inference.train`. Stage",
+        f"{settings.batch_size}, `{settings.objective}` objective, `train_latent_diffusion`. Stage",
         f'`"autoencoder"`: the VAE with its N(0, I) prior, {settings.autoencoder_epochs} epochs at',
         f"learning rate {settings.lr:g}. Then the latents are scaled to unit spread",
         f'(s = {latent_scale:.3g}) and stage `"prior"` fits the diffusion chain to the frozen encoder\'s',
-        f"latents: {settings.prior_epochs} epochs, rate {settings.lr:g} → {settings.lr_end:g}. Encoder and",
-        "decoder are the same in both rows, so the rows differ only in the prior.",
+        f"latents: {settings.prior_epochs} epochs, rate {settings.prior_lr:g} → {settings.lr_end:g}.",
+        "Encoder and decoder are the same in both rows, so the rows differ only in the prior.",
         "",
         "| model | epochs | train s | test ELBO (nats/image) | Fréchet distance | label entropy |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -3,7 +3,8 @@
 The full hierarchy's Trace_ELBO, the time-subsampled training pair under Trace_ELBO and
 TraceMeanField_ELBO, and the per-datum ``elbo`` (the prior chain's terms in closed form) estimate one
 bound: z-tests, with a power check that the prior chain's part is far larger than their standard error.
-Stages freeze what they should, the latent scale is fitted and saved, checkpoints round-trip.
+Stages freeze what they should, the latent scale is fitted and saved, checkpoints round-trip; the
+recipes (:func:`train_latent_diffusion`) train, checkpoint, reuse and resume their two stages.
 """
 
 import math
@@ -15,8 +16,9 @@ from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from pvae import checkpoint as ckpt
 from pvae import load
+from pvae.data import BatchLoader
 from pvae.inference import SVIStep, log_evidence
-from pvae.models.latent_diffusion import STAGES, LatentDiffusion
+from pvae.models.latent_diffusion import RECIPES, STAGES, LatentDiffusion, train_latent_diffusion
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +170,70 @@ def test_the_prior_chain_takes_an_ema_importance_sampled_timesteps_and_learned_v
     assert torch.equal(
         restored.sample(3, generator=generator), ldm.sample(3, generator=torch.Generator().manual_seed(0))
     )
+
+
+def _parts(family):
+    """Copies of the autoencoder's and the prior denoiser's weights."""
+    state = family.state_dict()
+    return [
+        {name: value.clone() for name, value in state.items() if name.startswith(prefix)}
+        for prefix in ("autoencoder.", "prior.denoiser.")
+    ]
+
+
+def _same(one: dict, other: dict) -> bool:
+    return all(torch.equal(value, other[name]) for name, value in one.items())
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_a_recipe_trains_its_stages_at_their_rates_and_resumes_from_either(recipe, tmp_path):
+    x = _digits(32).float()
+    settings = dict(recipe=recipe, first_epochs=1, lr=2e-3, prior_lr=5e-4, latent_data=x, progress=False)
+
+    def run(family, **options):
+        loader = BatchLoader(x, batch_size=16, seed=0)
+        return train_latent_diffusion(family, loader, out=tmp_path, seed=0, **(settings | options))
+
+    # stage one and the switch only (epochs=0: what `pvae train ldm` asks before its own second run)
+    family = _small(stage="joint").float()
+    done = run(family, epochs=0)
+    assert done.first.epochs == 1 and done.second is None
+    assert family.stage == RECIPES[recipe] and not (tmp_path / "checkpoint.pt").exists()
+    loc, _ = family.autoencoder.encode(x)
+    assert (family.latent_scale * loc).std().item() == pytest.approx(1.0, rel=1e-4)
+    first_stage = ckpt.load_checkpoint(tmp_path / "autoencoder" / "checkpoint.pt")
+    assert first_stage["train_config"]["lr"] == 2e-3
+    assert first_stage["family"]["kwargs"]["stage"] == "autoencoder"
+    trained_autoencoder, _ = _parts(family)
+
+    # resumed: the finished first stage is reused as it is, the second trained at its own rate
+    family = _small().float()
+    done = run(family, epochs=1, resume=True)
+    assert done.first.train_elbo == first_stage["history"]["train_elbo"] and done.second.epochs == 1
+    autoencoder, _ = _parts(family)
+    assert _same(autoencoder, trained_autoencoder) == (recipe == "two-stage")  # frozen in stage "prior"
+    second_stage = ckpt.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert second_stage["train_config"]["lr"] == 5e-4
+    assert second_stage["family"]["kwargs"]["stage"] == RECIPES[recipe]
+
+    # resumed again: the second stage continues from its checkpoint, the first is left alone
+    family = _small().float()
+    done = run(family, epochs=2, resume=True)
+    assert done.first is None and done.second.epochs == 2
+    assert float(family.latent_scale) == pytest.approx(float(second_stage["state_dict"]["latent_scale"]))
+
+
+def test_a_recipe_takes_a_trained_autoencoder_as_it_stands():
+    x = _digits(16).float()
+    family = _small(stage="autoencoder").float()
+    autoencoder, prior = _parts(family)
+    loader = BatchLoader(x, batch_size=8, seed=0)
+    done = train_latent_diffusion(family, loader, first_epochs=0, epochs=1, latent_data=x, progress=False)
+    assert done.first is None and done.second.epochs == 1 and family.stage == "prior"
+    trained_autoencoder, trained_prior = _parts(family)
+    assert _same(autoencoder, trained_autoencoder) and not _same(prior, trained_prior)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        train_latent_diffusion(family, loader, recipe="both", first_epochs=0, epochs=1, latent_data=x)
 
 
 def test_bad_arguments_are_refused():

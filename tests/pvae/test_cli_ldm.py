@@ -7,6 +7,7 @@ import torch
 
 import pvae
 from pvae import cli
+from pvae.checkpoint import load_checkpoint
 
 TINY = [
     "--architecture", "mlp", "--z-dim", "2", "--hidden-dim", "16", "--timesteps", "5",
@@ -61,3 +62,41 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["train", "ldm", "--recipe", "both"]) == 2
     assert cli.main(["train", "ldm", *TINY, "--timesteps", "0", "--out", str(tmp_path / "x")]) == 2
     capsys.readouterr()
+
+
+def test_each_stage_trains_at_its_own_rate_and_records_it(tmp_path, capsys):
+    out = tmp_path / "rates"
+    argv = ["train", "ldm", *TINY, "--epochs", "1", "--out", str(out), "--lr", "2e-3", "--json"]
+    assert cli.main([*argv, "--prior-lr", "5e-4", "--lr-end", "1e-4"]) == 0
+    capsys.readouterr()
+    first = load_checkpoint(out / "autoencoder" / "checkpoint.pt")["train_config"]
+    second = load_checkpoint(out / "checkpoint.pt")["train_config"]
+    assert (first["lr"], first["lr_end"]) == (2e-3, None)  # --lr-end decays the second stage only
+    assert (second["lr"], second["lr_end"]) == (5e-4, 1e-4)
+    assert (out / "autoencoder" / "history.json").exists() and (out / "history.json").exists()
+
+    # the rate is a setting of the saved run: resuming at another one needs --allow-changes
+    resumed = [*argv[:-1], "--epochs", "2", "--resume", "--lr-end", "1e-4"]
+    assert cli.main([*resumed, "--prior-lr", "1e-3"]) == 1
+    assert "lr: saved 0.0005, now 0.001" in capsys.readouterr().err
+    assert cli.main([*resumed, "--prior-lr", "5e-4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--prior-lr=0", "must be a finite number in (0, 1e+300], got 0"),
+        ("--prior-lr=-1e-3", "must be a finite number in (0, 1e+300], got -1e-3"),
+        ("--prior-lr=nan", "must be a finite number in (0, 1e+300], got nan"),
+        ("--prior-lr=fast", "must be a number in (0, 1e+300], got 'fast'"),
+    ],
+    ids=["zero", "negative", "nan", "text"],
+)
+def test_a_bad_prior_lr_is_a_one_line_error(flag, message, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli.main(["train", "ldm", *TINY, flag, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("pvae: error: pvae train ldm: argument --prior-lr: " + message)
+    assert error.count("\n") == 1
+    assert not out.exists()  # refused before any work
