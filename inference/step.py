@@ -16,14 +16,17 @@ param-store re-tracing cost more than the network itself on small batches. Three
     without any Python of Pyro's, so it is equal to the eager step (tested bit for bit on CPU).
 
 ``"compile"``
-    the traced graph, with the Adam update recorded into it as well (applied only when the step's guards
-    hold and its loss is finite), compiled whole by ``torch.compile`` (Inductor): the element-wise work of
-    Pyro's log-densities, validation checks, backward pass and Adam becomes a few fused kernels around
-    the matrix products, and a step is one call. Compiling takes tens of seconds once per run (Inductor
-    caches it on disk), and Inductor draws its own random numbers (seeded from torch's generator), so it
-    matches the eager step in distribution, not bit for bit. (Adam with ``amsgrad``, ``maximize`` or
-    ``weight_decay`` keeps the separate optimizer step.) The learning rate is an input of that graph, not a
-    constant in it, so :meth:`SVIStep.set_lr` (a schedule) works with every engine.
+    the traced graph compiled whole by ``torch.compile`` (Inductor): the element-wise work of Pyro's
+    log-densities, validation checks and the backward pass becomes a few fused kernels around the matrix
+    products. Compiling takes tens of seconds once per run (Inductor caches it on disk), and Inductor
+    draws its own random numbers (seeded from torch's generator), so it matches the eager step in
+    distribution, not bit for bit. The Adam update runs after the graph in torch's fused Adam kernel where
+    the device has one (CPU, CUDA: it beats Inductor's code for the update, see
+    ``benchmarks/vae_vs_torch.py``); elsewhere, or with ``adam_kwargs={"fused": False}``, plain Adam is
+    recorded into the graph (applied only when the step's guards hold and its loss is finite), its
+    learning rate an input of the graph, not a constant in it, so :meth:`SVIStep.set_lr` (a schedule)
+    works with every engine. (Adam with ``amsgrad``, ``maximize`` or ``weight_decay`` always keeps the
+    separate optimizer step.)
 
 What recording assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
@@ -167,7 +170,7 @@ class SVIStep:
         self._traced = None
         self._recording: recorder.Recording | None = None
         self._buffers: list[torch.Tensor] = []
-        self._fused_update = False
+        self._update_in_graph = False
         self._graph_signature = None
         self._lr_input: torch.Tensor | None = None  # the learning rate as an input of the compiled update
         self._guard_failures = 0
@@ -399,7 +402,7 @@ class SVIStep:
         return loss.to(self.params[0].device)
 
     def _call_graph(self, data: list[torch.Tensor]):
-        if self._fused_update:
+        if self._update_in_graph:
             self._lr_input.fill_(self.optimizer.param_groups[0]["lr"])
             return self._graph(self.params, self._buffers, self._adam_state(), self._lr_input, data)
         return self._graph(self.params, self._buffers, data)
@@ -423,7 +426,7 @@ class SVIStep:
     def _graph_step(self, args, kwargs) -> torch.Tensor | None:
         with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
             outputs, guards_hold, published = self._run_graph(_leaves((args, kwargs)))
-        loss, grads = (outputs, None) if self._fused_update else outputs
+        loss, grads = (outputs, None) if self._update_in_graph else outputs
         if self.world_size > 1:  # one decision for all ranks: replay everywhere, or recompute everywhere
             totals = distributed.all_reduce_sum([float(loss), float(bool(guards_hold))], loss.device)
             guards_hold = bool(totals[1] == self.world_size)
@@ -458,6 +461,8 @@ class SVIStep:
     def _adam_in_graph(self) -> bool:
         """Whether the compiled graph can carry the Adam update too (plain Adam, state initialized)."""
         if self.engine != "compile" or len(self.optimizer.param_groups) != 1:
+            return False
+        if self.optimizer.param_groups[0].get("fused"):  # torch's fused kernel is the faster update
             return False
         if self.world_size > 1:  # the gradients are averaged over ranks between the graph and the update
             return False
@@ -500,7 +505,7 @@ class SVIStep:
         # the family's buffers are inputs of the graph, not constants frozen into it: a program may read
         # buffers that change between steps (e.g. an importance sampler's history, updated by after_step)
         self._buffers = [] if self.module is None else list(self.module.buffers())
-        self._fused_update = self._adam_in_graph()
+        self._update_in_graph = self._adam_in_graph()
 
         def loss_and_grads(params, buffers, *rest):
             loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
@@ -516,7 +521,7 @@ class SVIStep:
             # Recording runs the step once: keep the parameters and optimizer state as they were (when the
             # update is recorded too), and Pyro's param store untouched by the recording pass.
             with pyro.poutine.block():
-                if self._fused_update:
+                if self._update_in_graph:
                     state = self._adam_state()
                     saved = [t.detach().clone() for t in (*params, *state[0], *state[1], *state[2])]
                     self._lr_input = torch.tensor(

@@ -23,10 +23,18 @@ def _batches(count, batch=16, dim=20, seed=0, binary=True):
     return torch.bernoulli(grey, generator=generator) if binary else grey
 
 
-def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None):
+def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None, adam_kwargs=None):
     pyro.set_rng_seed(seed)
     family = make_family()
-    step = SVIStep(family.model, family.guide, make_elbo(), lr=1e-2, engine=engine, module=family)
+    step = SVIStep(
+        family.model,
+        family.guide,
+        make_elbo(),
+        lr=1e-2,
+        engine=engine,
+        module=family,
+        adam_kwargs=adam_kwargs,
+    )
     losses = []
     for index, x in enumerate(batches):
         if lrs is not None:
@@ -170,17 +178,20 @@ def test_a_learning_rate_schedule_replays_bit_for_bit_in_the_traced_step():
     assert not all(torch.equal(a, b) for a, b in zip(eager_family.parameters(), constant_family.parameters()))
 
 
-def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers():
-    """With a learning rate changing every step: the compiled Adam update reads it as an input."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam-after-the-graph", "adam-in-the-graph"])
+def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers(fused):
+    """With a learning rate changing every step: torch's fused Adam after the graph reads it from the
+    optimizer; the Adam update recorded into the graph (no fused kernel) reads it as an input."""
     import torch._inductor.config as inductor_config
 
     batches = _batches(4)
     eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches, lrs=DECAY)
     with inductor_config.patch(fallback_random=True):  # draw random numbers as eager torch does
         compiled_family, compiled, compiled_losses = _run(
-            FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY
+            FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY, adam_kwargs={"fused": fused}
         )
     assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
+    assert compiled._update_in_graph is not fused
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-3)
     for a, b in zip(eager_family.parameters(), compiled_family.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
