@@ -1,22 +1,42 @@
-"""Benchmark: the same VAE trained through pvae's ``train`` and through a hand-written PyTorch loop.
+"""Benchmark: the same VAE trained through pvae's ``train``, a hand-written PyTorch loop and NumPyro.
 
-Both sides train the same VAE (784 → hidden → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU decoder)
-on the 4,000 mnist5k training digits, dynamically binarized by two ``BatchLoader``\\ s with the same seed (so
-both see the same batches and the same binary draws), from the same initial weights, with Adam (lr 1e-3):
+All sides train the same VAE (784 → hidden → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU decoder)
+on the 4,000 mnist5k training digits, dynamically binarized by ``BatchLoader``\\ s built alike (so all
+see the same batches and the same binary draws; the timed runs drop the last incomplete batch, so
+every step has the full batch size), from the same initial weights, with Adam (lr 1e-3):
 
 - **hand-written**: the usual VAE loop, eager PyTorch — ``BCE(sigmoid(decoder(z)), x, reduction="sum")``
   plus the analytic KL ½Σ(−log σ² + μ² + σ² − 1), ``torch.optim.Adam`` with its defaults;
 - **pvae**: ``pvae.inference.train(VAE(...), loader, epochs=…, engine=…)`` — Pyro's Trace_ELBO for the
-  family's model/guide (Monte-Carlo KL) on every step; ``--engines`` picks the step engines to time.
+  family's model/guide (Monte-Carlo KL) on every step; ``--engines`` picks the step engines to time;
+- **NumPyro** (``--numpyro``): ``numpyro.infer.SVI`` with Trace_ELBO and ``numpyro.optim.Adam(1e-3)`` on the
+  same network in stax (``benchmarks/_numpyro_vae.py``), as its users write it, in two rows:
+  ``jax.jit(svi.update)`` called on each batch's NumPy array (converted on every call;
+  ``block_until_ready`` at the end of the epoch), and the whole epoch as one jitted ``jax.lax.fori_loop``
+  over the epoch's batches held on the device as one (batches, batch size, 784) array. It runs in a child
+  process under ``--numpyro-python`` (a Python with jax and numpyro; neither torch nor pvae is imported
+  there), which reads the binarized batches this process draws — the batches the torch loops see, in the
+  same order — from a ``.npz`` file, and gives XLA as many threads as torch has. (The torch loops binarize
+  each batch inside the timed epoch, NumPyro gets it binarized.)
 
-Epochs are interleaved (A B A B …: pvae's ``train`` calls back after each epoch and the hand-written epoch
-runs there), so machine noise hits both sides alike; the table gives the median over epochs 2…E of
-(pvae epoch time) / (hand-written epoch time). The first epoch is left out: it holds one-time costs
-(recording the graph, compiling it), reported separately. Reference rows time Pyro's stock
-``SVI.step`` (Trace_ELBO and JitTrace_ELBO, ``pyro.optim.Adam``) and ``torch.compile`` of the hand-written
-step the same way, and ``--numpyro`` adds NumPyro's jitted SVI on the same network (needs jax and numpyro;
-it runs in a child process, between two blocks of hand-written epochs, since XLA's worker threads slow
-torch down when both live in one process).
+Epochs are interleaved (pvae's ``train`` calls back after each epoch, and the hand-written epoch and then
+NumPyro's two epochs run there; A B C D A B C D …), so machine noise hits every row alike; each row gives
+the median epoch time over epochs 2…E and the median over those epochs of (its epoch time) / (the
+hand-written epoch time of the same round), and with ``--numpyro`` the same paired median against
+NumPyro's per-step epoch. The first epoch is left out: it holds one-time costs (recording the graph,
+compiling it, ``jax.jit``), reported separately. NumPyro restarts from the initial weights with each pvae
+run, so its rows pool the rounds of all of them. Reference rows time Pyro's stock ``SVI.step``
+(Trace_ELBO and JitTrace_ELBO, ``pyro.optim.Adam``) and ``torch.compile`` of the hand-written step the
+same way. With ``--numpyro`` a last table sets pvae's ``engine="compile"`` (or the first engine named)
+side by side with NumPyro's two loops in the same rounds, with the train ELBO per image of the last epoch
+of each (same objective, same data: they should agree to within the noise of a few epochs).
+
+GEMM (``--gemm-rounds``, by default with ``--numpyro``): GFLOP/s of fp32 products at the VAE's shapes,
+interleaved in rounds — a linear layer's forward and backward (batch × 784 × 400, as
+``benchmarks/gemm.py`` times it) and a 2048³ product — for torch's default route (what ``nn.Linear``
+runs), for the route pvae's ``engine="compile"`` gives it (``--gemm-backend``: the products traced by
+``make_fx`` and compiled by ``torch.compile`` as ``SVIStep`` does; or one of ``gemm.py``'s oneDNN routes),
+and for XLA (``jax.jit`` in the NumPyro child).
 
 Quality (``--quality-epochs``, same initial weights and batches): test log-likelihood of the hand-written
 model and of pvae VAEs trained with Trace_ELBO, TraceMeanField_ELBO and IWAE-k (same epochs), as
@@ -26,8 +46,8 @@ binarized once, ± the standard error over images, and the paired difference to 
 the same images ± its standard error.
 
 Run: ``python benchmarks/vae_vs_torch.py [--epochs 6] [--batch-sizes 32 128] [--z-dims 20 50]
-[--engines eager trace compile] [--references] [--numpyro] [--quality-epochs 30] [--num-samples 1000]
-[--threads N]``
+[--engines eager trace compile] [--references] [--numpyro [--numpyro-python PATH]] [--gemm-rounds 5]
+[--quality-epochs 30] [--num-samples 1000] [--threads N]``
 """
 
 from __future__ import annotations
@@ -36,22 +56,40 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 
+import gemm  # benchmarks/gemm.py, beside this script: its torch GEMM routes and timer
+import numpy as np
 import pyro
 import pyro.optim
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pvae.data import BatchLoader, load_images
 from pvae.inference import evaluate_log_likelihood, train
 from pvae.models.vae import VAE
 
 HIDDEN = 400
+PVAE_ENGINES = ("eager", "trace", "compile", "jit")
+NUMPYRO_LOOPS = {  # row name → the child's loop
+    "numpyro-step": "step",
+    "numpyro-fori": "fori",
+}
+NUMPYRO_LABELS = {
+    "numpyro-step": "NumPyro SVI, `jax.jit(svi.update)` per step",
+    "numpyro-fori": "NumPyro SVI, whole epoch in a jitted `fori_loop`",
+}
+NUMPYRO_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numpyro_vae.py")
+GEMM_BACKENDS = ("compile", "onednn", "onednn-prepacked")
 
 
 # ---- the hand-written reference ----------------------------------------------------------------------------
@@ -119,29 +157,56 @@ def make_data(seed: int):
     return train_x, test_x
 
 
-def loader(train_x, batch_size, seed):
-    return BatchLoader(train_x, batch_size=batch_size, binarize="dynamic", seed=seed)
+def loader(train_x, batch_size, seed, drop_last=False):
+    return BatchLoader(train_x, batch_size=batch_size, binarize="dynamic", seed=seed, drop_last=drop_last)
 
 
-def interleave_pvae(engine, z_dim, batch_size, epochs, train_x, seed, jit=False):
-    """pvae's train (A) against the hand-written loop (B), one epoch each in turn, same init and batches."""
+def timed_loader(train_x, batch_size, seed):
+    """The batches of the timed runs: full batches only (a whole-epoch ``fori_loop`` needs one shape)."""
+    return loader(train_x, batch_size, seed, drop_last=True)
+
+
+SETTLE_SECONDS = [0.5]  # set by --settle
+
+
+def settle() -> None:
+    """Pause between two runtimes' epochs: the worker threads of the one that just ran (OpenMP's in torch,
+    Eigen's in XLA) spin for a while after their work ends, which would slow the other's next epoch."""
+    time.sleep(SETTLE_SECONDS[0])
+
+
+def interleave_pvae(engine, z_dim, batch_size, epochs, train_x, seed, jit=False, numpyro=None):
+    """pvae's train (A) against the hand-written loop (B) and NumPyro's two loops (C, D) when given, one
+    epoch each in turn, same init and batches. Returns ({row: epoch seconds}, {row: last train ELBO})."""
     torch.manual_seed(seed)
     hand_model = ReferenceVAE(z_dim)
     family = VAE(x_dim=784, z_dim=z_dim, hidden_dim=HIDDEN)
     family.load_state_dict(hand_model.state_dict())
-    hand = HandLoop(hand_model, loader(train_x, batch_size, seed))
-    hand_times = []
+    hand = HandLoop(hand_model, timed_loader(train_x, batch_size, seed))
+    times, elbos = {"hand": []}, {}
+    if numpyro is not None:
+        numpyro.reset()
+
+    def after_epoch(epoch, history):
+        settle()
+        times["hand"].append(hand.epoch())
+        if numpyro is not None:
+            settle()
+            numpyro.epoch(epoch - 1, times, elbos)
+            settle()
+
     history = train(
         family,
-        loader(train_x, batch_size, seed),
+        timed_loader(train_x, batch_size, seed),
         epochs=epochs,
         engine=engine,
         jit=jit,
         seed=seed,
         progress=False,
-        callback=lambda epoch, record: hand_times.append(hand.epoch()),
+        callback=after_epoch,
     )
-    return history.epoch_seconds, hand_times, family, hand_model
+    times["pvae"], elbos["pvae"] = history.epoch_seconds, history.train_elbo[-1]
+    return times, elbos
 
 
 def interleave_other(kind, z_dim, batch_size, epochs, train_x, seed):
@@ -150,16 +215,16 @@ def interleave_other(kind, z_dim, batch_size, epochs, train_x, seed):
     hand_model = ReferenceVAE(z_dim)
     other_model = ReferenceVAE(z_dim)
     other_model.load_state_dict(hand_model.state_dict())
-    hand = HandLoop(hand_model, loader(train_x, batch_size, seed))
+    hand = HandLoop(hand_model, timed_loader(train_x, batch_size, seed))
     if kind == "hand-compiled":
-        other = HandLoop(other_model, loader(train_x, batch_size, seed), compiled=True)
+        other = HandLoop(other_model, timed_loader(train_x, batch_size, seed), compiled=True)
         run_other = other.epoch
     else:
         family = VAE(x_dim=784, z_dim=z_dim, hidden_dim=HIDDEN)
         family.load_state_dict(hand_model.state_dict())
         elbo = JitTrace_ELBO(ignore_jit_warnings=True) if kind == "pyro-svi-jit" else Trace_ELBO()
         svi = SVI(family.model, family.guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
-        data = loader(train_x, batch_size, seed)
+        data = timed_loader(train_x, batch_size, seed)
 
         def run_other():
             return pyro_svi_epoch(svi, data)
@@ -171,13 +236,53 @@ def interleave_other(kind, z_dim, batch_size, epochs, train_x, seed):
     return other_times, hand_times
 
 
-def summarize(times, hand_times) -> dict:
-    ratios = [a / b for a, b in zip(times[1:], hand_times[1:])]
+def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed, numpyro):
+    """NumPyro's two loops against the hand-written loop alone (when no pvae engine is timed)."""
+    torch.manual_seed(seed)
+    hand = HandLoop(ReferenceVAE(z_dim), timed_loader(train_x, batch_size, seed))
+    times, elbos = {"hand": []}, {}
+    numpyro.reset()
+    for index in range(epochs):
+        times["hand"].append(hand.epoch())
+        settle()
+        numpyro.epoch(index, times, elbos)
+        settle()
+    return times, elbos
+
+
+def paired_median(times, other) -> float:
+    """Median over epochs 2… of times[i] / other[i]."""
+    return statistics.median(a / b for a, b in zip(times[1:], other[1:]))
+
+
+def summarize(times, hand_times, versus=None) -> dict:
+    """Medians over epochs 2… of one run: the epoch time, the hand-written one, their paired ratio, that
+    against ``versus`` (NumPyro's per-step epoch of the same rounds) when given, and the first epoch's
+    excess over the median."""
     return {
-        "ratio": statistics.median(ratios),
+        "ratio": paired_median(times, hand_times),
         "epoch_s": statistics.median(times[1:]),
         "hand_epoch_s": statistics.median(hand_times[1:]),
         "first_extra_s": times[0] - statistics.median(times[1:]),
+        "versus": None if versus is None else paired_median(times, versus),
+    }
+
+
+def summarize_pooled(runs, name, versus=None) -> dict:
+    """As :func:`summarize` over epochs 2… of several runs (NumPyro's rows, run beside each pvae engine);
+    the first-epoch excess is that of the first run (the one that compiled)."""
+    pairs = [
+        (run[name][i], run["hand"][i], run[versus][i] if versus else 1.0)
+        for run in runs
+        for i in range(1, len(run[name]))
+    ]
+    median = statistics.median(pair[0] for pair in pairs)
+    return {
+        "ratio": statistics.median(a / b for a, b, _ in pairs),
+        "epoch_s": median,
+        "hand_epoch_s": statistics.median(pair[1] for pair in pairs),
+        "first_extra_s": runs[0][name][0] - median,
+        "versus": statistics.median(a / c for a, _, c in pairs) if versus else None,
     }
 
 
@@ -191,105 +296,270 @@ def paired(a, b) -> tuple[float, float]:
     return difference.mean().item(), difference.std().item() / math.sqrt(difference.numel())
 
 
-# ---- NumPyro (optional) --------------------------------------------------------------------------------
-def numpyro_epochs(z_dim, batch_size, epochs, seed) -> list[float]:
-    """NumPyro's jitted SVI on the same network (stax), fed the same binarized batches as numpy arrays."""
-    import jax
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as ndist
-    from jax.example_libraries import stax
-    from numpyro.infer import SVI as NSVI
-    from numpyro.infer import Trace_ELBO as NTrace_ELBO
-
-    encoder_init, encoder_apply = stax.serial(
-        stax.Dense(HIDDEN), stax.LeakyRelu, stax.Dense(2 * z_dim)
-    )  # LeakyRelu's default slope is 0.01; the VAE's is 0.2 — timing is unaffected
-    decoder_init, decoder_apply = stax.serial(stax.Dense(HIDDEN), stax.Relu, stax.Dense(784))
-
-    def model(x):
-        decoder = numpyro.module("decoder", (decoder_init, decoder_apply), (batch_size, z_dim))
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", ndist.Normal(0, 1).expand([z_dim]).to_event(1))
-            numpyro.sample("x", ndist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
-
-    def guide(x):
-        encoder = numpyro.module("encoder", (encoder_init, encoder_apply), (batch_size, 784))
-        loc, log_var = jnp.split(encoder(x), 2, axis=-1)
-        with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("z", ndist.Normal(loc, jnp.exp(0.5 * log_var)).to_event(1))
-
-    train_x, _ = make_data(seed)
-    data = loader(train_x, batch_size, seed)
-    svi = NSVI(model, guide, numpyro.optim.Adam(1e-3), NTrace_ELBO())
-    state = svi.init(jax.random.PRNGKey(seed), next(iter(data))[0].numpy())
-    update = jax.jit(svi.update)
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for x, _ in data:
-            state, loss = update(state, x.numpy())
-        loss.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return times
+# ---- NumPyro (optional): a child process under another Python ------------------------------------------
+def check_numpyro_python(python: str) -> None:
+    """Exit with one line naming ``--numpyro-python`` unless ``python`` imports jax and numpyro."""
+    try:
+        completed = subprocess.run(
+            [python, "-c", "import jax, numpy, numpyro"], capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        if completed.returncode == 0:
+            return
+        lines = completed.stderr.strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {completed.returncode}"
+    sys.exit(
+        f"error: --numpyro-python {python} cannot import jax and numpyro ({reason}); install them there "
+        "(pip install jax jaxlib numpyro numpy) or pass --numpyro-python the Python of a venv that has them"
+    )
 
 
-def interleave_numpyro(z_dim, batch_size, epochs, train_x, seed):
-    """NumPyro in a child process (XLA's worker threads slow torch down when both share a process), between
-    two blocks of hand-written epochs in this process; epochs pair up in order."""
-    import subprocess
+class NumPyroChild:
+    """``benchmarks/_numpyro_vae.py`` under ``python``: one JSON request and one JSON reply per line."""
 
-    torch.manual_seed(seed)
-    hand = HandLoop(ReferenceVAE(z_dim), loader(train_x, batch_size, seed))
-    before = [hand.epoch() for _ in range((epochs + 1) // 2)]
-    command = [sys.executable, os.path.abspath(__file__), "--numpyro-child", str(z_dim), str(batch_size)]
-    command += ["--epochs", str(epochs), "--seed", str(seed)]
-    environment = dict(os.environ)
-    if torch.get_num_threads() == 1:  # give XLA one thread too
-        environment["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    completed = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
-    numpyro_times = json.loads(completed.stdout.strip().splitlines()[-1])
-    after = [hand.epoch() for _ in range(epochs - len(before))]
-    return numpyro_times, before + after
+    def __init__(self, python: str, threads: int):
+        self.log = tempfile.TemporaryFile("w+")  # its stderr, shown when it stops
+        environment = dict(os.environ, JAX_PLATFORMS="cpu")
+        self.process = subprocess.Popen(
+            [python, NUMPYRO_SCRIPT, "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=environment,
+        )
+
+    def ask(self, op: str, **fields) -> dict:
+        try:
+            self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.log.seek(0)
+            tail = "\n".join(self.log.read().strip().splitlines()[-20:])
+            raise RuntimeError(f"the NumPyro child process stopped on {op!r}; its stderr ends:\n{tail}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+class NumPyroRows:
+    """NumPyro's two loops for one net and batch size, on the batches the torch runs see."""
+
+    def __init__(self, child: NumPyroChild, train_x, z_dim, batch_size, epochs, seed):
+        self.child = child
+        data = timed_loader(train_x, batch_size, seed)  # the same batches, in the same order
+        batches = torch.stack([torch.stack([x for x, _ in data]) for _ in range(epochs)])
+        torch.manual_seed(seed)
+        initial = ReferenceVAE(z_dim).state_dict()  # the initial weights of every torch run
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "batches.npz")
+            np.savez(
+                path,
+                batches=batches.to(torch.uint8).numpy(),
+                **{name: value.numpy() for name, value in initial.items()},
+            )
+            self.child.ask("load", path=path, key=seed)
+
+    def reset(self) -> None:
+        self.child.ask("reset")
+
+    def epoch(self, index: int, times: dict, elbos: dict) -> None:
+        for name, loop in NUMPYRO_LOOPS.items():
+            reply = self.child.ask("epoch", loop=loop, index=index)
+            times.setdefault(name, []).append(reply["seconds"])
+            elbos[name] = reply["elbo"]
+
+
+# ---- GEMM: torch's default route, pvae's, XLA -----------------------------------------------------------
+def compiled_like_pvae(function, *inputs):
+    """``function`` on ``inputs`` recorded into aten operations by ``make_fx`` and compiled by
+    ``torch.compile(fullgraph=True, dynamic=False)``, as ``SVIStep(engine="compile")`` does with a step."""
+    graph = make_fx(function)(*inputs)
+    return partial(torch.compile(graph, fullgraph=True, dynamic=False), *inputs)
+
+
+def torch_products(kind, backend, rows, width_in, width_out, generator):
+    """(torch's default route, the ``backend`` route) for one product, as calls without arguments.
+
+    ``linear``: a linear layer's forward and backward (``gemm.py``'s routes); ``matmul``: Y = X Wᵀ alone."""
+    if kind == "linear":
+        tensors = gemm.layer_inputs(rows, width_in, width_out, generator)
+        routes = {"onednn": gemm.onednn_layer, "onednn-prepacked": gemm.prepacked_layer}
+        default = partial(gemm.default_layer, *tensors)
+        if backend == "compile":
+            return default, compiled_like_pvae(gemm.default_layer, *tensors)
+        return default, partial(routes[backend], *tensors)
+    x = torch.randn(rows, width_in, generator=generator)
+    weight = torch.randn(width_out, width_in, generator=generator) / width_in**0.5
+    default = partial(F.linear, x, weight)
+    if backend == "compile":
+        return default, compiled_like_pvae(F.linear, x, weight)
+    if backend == "onednn":
+        return default, partial(gemm.linear_pointwise, x, weight)
+
+    def prepacked():
+        return gemm.linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+
+    return default, prepacked
+
+
+def gemm_section(args, child: NumPyroChild | None, command: str) -> None:
+    shapes = [("linear", batch, 784, HIDDEN) for batch in sorted(set(args.batch_sizes))]
+    shapes.append(("matmul", 2048, 2048, 2048))
+    blas = "MKL" if torch.backends.mkl.is_available() else "BLAS"
+    backend_label = {
+        "compile": 'pvae `engine="compile"` (make_fx → `torch.compile`)',
+        "onednn": "oneDNN `_linear_pointwise`",
+        "onednn-prepacked": "oneDNN, prepacked weight",
+    }[args.gemm_backend]
+    columns = {"default": f"torch default (`nn.Linear`, {blas})", "backend": backend_label}
+    if child is not None:
+        columns["xla"] = "XLA (`jax.jit`)"
+    print(
+        f"\nfp32 GEMM, GFLOP/s (× torch default), {torch.get_num_threads()} thread(s): medians over "
+        f"{args.gemm_rounds} interleaved rounds of ≈{args.gemm_seconds} s per cell\n"
+    )
+    print(f"<!-- {command} -->")
+    print("| product | " + " | ".join(columns.values()) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    generator = torch.Generator().manual_seed(0)
+    for kind, rows, width_in, width_out in shapes:
+        default, chosen = torch_products(kind, args.gemm_backend, rows, width_in, width_out, generator)
+        calls = {"default": default, "backend": chosen}
+        for call in calls.values():
+            call()  # warm up (compiles)
+        request = {"kind": kind, "shape": [rows, width_in, width_out], "seconds": args.gemm_seconds}
+        if child is not None:
+            child.ask("gemm", **{**request, "seconds": 0.0})  # warm up (compiles)
+        names = list(columns)
+        times = {name: [] for name in names}
+        for index in range(args.gemm_rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                if name == "xla":
+                    times[name].append(child.ask("gemm", **request)["seconds"])
+                else:
+                    times[name].append(gemm.time_call(calls[name], args.gemm_seconds))
+        flop = (6 if kind == "linear" else 2) * rows * width_in * width_out
+        summary = gemm.summarize(times, flop, "default")
+        label = (
+            f"linear forward + backward, {rows} × {width_in} × {width_out}"
+            if kind == "linear"
+            else f"matmul {rows} × {width_in} × {width_out}"
+        )
+        cells = [f"{summary['default'][0]:.0f}"] + [
+            f"{summary[name][0]:.0f} ({summary[name][1]:.2f}×)" for name in names[1:]
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 # ---- main ----------------------------------------------------------------------------------------------
+def print_row(net, batch_size, label, row) -> None:
+    versus = "—" if row["versus"] is None else f"{row['versus']:.2f}×"
+    print(
+        f"| {net} | {batch_size} | {label} | {row['epoch_s']:.3f} | {row['hand_epoch_s']:.3f} | "
+        f"{row['ratio']:.2f}× | {versus} | {row['first_extra_s']:.1f} |",
+        flush=True,
+    )
+
+
+def engine_label(name: str) -> str:
+    return f"pvae train, engine={name}" if name != "jit" else "pvae train, jit=True"
+
+
+def side_by_side_row(net, batch_size, times, elbos) -> str:
+    """One line of the pvae-versus-NumPyro table, from the rounds of one pvae run."""
+    hand = statistics.median(times["hand"][1:])
+
+    def cell(name):
+        return f"{statistics.median(times[name][1:]):.3f} ({paired_median(times[name], times['hand']):.2f}×)"
+
+    return (
+        f"| {net} | {batch_size} | {hand:.3f} | {cell('pvae')} | {cell('numpyro-step')} | "
+        f"{cell('numpyro-fori')} | {paired_median(times['pvae'], times['numpyro-step']):.2f}× | "
+        f"{elbos['pvae']:.1f} / {elbos['numpyro-step']:.1f} / {elbos['numpyro-fori']:.1f} |"
+    )
+
+
 def main(args):
+    SETTLE_SECONDS[0] = args.settle
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = shlex.join(["python", *sys.argv])
+    child = None
+    if args.numpyro:
+        check_numpyro_python(args.numpyro_python)
+        child = NumPyroChild(args.numpyro_python, torch.get_num_threads())
+    try:
+        run(args, child, command)
+    finally:
+        if child is not None:
+            child.close()
+
+
+def run(args, child, command):
     pyro.enable_validation(True)  # as in pvae's tests and defaults
     train_x, test_x = make_data(args.seed)
     test_x = test_x[: args.num_test]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    versions = ""
+    if child is not None:
+        found = child.ask("versions")
+        versions = f", jax {found['jax']}, numpyro {found['numpyro']} (XLA on {found['threads']} thread(s))"
     print(
-        f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load:.1f}; {args.epochs} epochs, medians over epochs 2..{args.epochs}",
+        f"torch {torch.__version__}, pyro {pyro.__version__}{versions}, {torch.get_num_threads()} torch "
+        f"threads, load average {load:.1f}; {args.epochs} epochs, medians over epochs 2..{args.epochs}",
         flush=True,
     )
+    print(f"<!-- {command} -->", flush=True)
     print(
-        "| net | batch | loop | epoch s | hand-written epoch s | ratio (median) | first-epoch extra s |",
+        "| net | batch | loop | epoch s | hand-written epoch s | × hand-written | × NumPyro jit per step "
+        "| first-epoch extra s |",
         flush=True,
     )
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |", flush=True)
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    engines = list(args.engines)
+    side_engine = "compile" if "compile" in engines else (engines[0] if engines else None)
+    side_by_side = []
     for z_dim in args.z_dims:
         for batch_size in args.batch_sizes:
             net = f"784-{HIDDEN}-{z_dim}"
-            runs = [(engine, None) for engine in args.engines]
+            numpyro = None
+            if child is not None:
+                numpyro = NumPyroRows(child, train_x, z_dim, batch_size, args.epochs, args.seed)
+            numpyro_runs = []
+            for name in engines:
+                times, elbos = interleave_pvae(
+                    "eager" if name == "jit" else name,
+                    z_dim,
+                    batch_size,
+                    args.epochs,
+                    train_x,
+                    args.seed,
+                    jit=name == "jit",
+                    numpyro=numpyro,
+                )
+                versus = times.get("numpyro-step")
+                print_row(
+                    net, batch_size, engine_label(name), summarize(times["pvae"], times["hand"], versus)
+                )
+                if numpyro is not None:
+                    numpyro_runs.append(times)
+                    if name == side_engine:
+                        side_by_side.append(side_by_side_row(net, batch_size, times, elbos))
+            if numpyro is not None and not engines:
+                times, _ = interleave_numpyro(z_dim, batch_size, args.epochs, train_x, args.seed, numpyro)
+                numpyro_runs.append(times)
             if args.references:
-                runs += [("pyro-svi", None), ("pyro-svi-jit", None), ("hand-compiled", None)]
-            if args.numpyro:
-                runs += [("numpyro-jit", None)]
-            for name, _ in runs:
-                if name in ("eager", "trace", "compile", "jit"):
-                    engine = "eager" if name == "jit" else name
-                    times, hand_times, _, _ = interleave_pvae(
-                        engine, z_dim, batch_size, args.epochs, train_x, args.seed, jit=name == "jit"
-                    )
-                    label = f"pvae train, engine={name}" if name != "jit" else "pvae train, jit=True"
-                elif name == "numpyro-jit":
-                    times, hand_times = interleave_numpyro(z_dim, batch_size, args.epochs, train_x, args.seed)
-                    label = "NumPyro SVI, jax.jit"
-                else:
+                for name in ("pyro-svi", "pyro-svi-jit", "hand-compiled"):
                     times, hand_times = interleave_other(
                         name, z_dim, batch_size, args.epochs, train_x, args.seed
                     )
@@ -298,12 +568,26 @@ def main(args):
                         "pyro-svi-jit": "Pyro SVI.step, JitTrace_ELBO",
                         "hand-compiled": "hand-written, torch.compile",
                     }[name]
-                row = summarize(times, hand_times)
-                print(
-                    f"| {net} | {batch_size} | {label} | {row['epoch_s']:.3f} | {row['hand_epoch_s']:.3f} | "
-                    f"{row['ratio']:.2f}× | {row['first_extra_s']:.1f} |",
-                    flush=True,
-                )
+                    print_row(net, batch_size, label, summarize(times, hand_times))
+            for name in NUMPYRO_LOOPS if numpyro_runs else ():
+                versus = "numpyro-step" if name != "numpyro-step" else None
+                print_row(net, batch_size, NUMPYRO_LABELS[name], summarize_pooled(numpyro_runs, name, versus))
+    if side_by_side:
+        print(
+            f"\n{engine_label(side_engine)} beside NumPyro, epoch s (× hand-written eager torch) in the same "
+            f"rounds, medians over epochs 2..{args.epochs}; train ELBO per image of epoch {args.epochs}\n"
+        )
+        print(f"<!-- {command} -->")
+        print(
+            f"| net | batch | hand-written eager torch | {engine_label(side_engine)} | "
+            "NumPyro `jax.jit(svi.update)` per step | NumPyro whole-epoch `fori_loop` | "
+            "pvae / NumPyro per step | train ELBO: pvae / NumPyro step / `fori_loop` |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for line in side_by_side:
+            print(line, flush=True)
+    if args.gemm_rounds > 0:
+        gemm_section(args, child, command)
     if args.quality_epochs > 0 and args.num_samples > 0:
         quality_section(args, train_x, test_x)
 
@@ -376,13 +660,38 @@ if __name__ == "__main__":
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--z-dims", type=int, nargs="+", default=[20, 50], help="default: 20 and 50")
     parser.add_argument(
-        "--engines", nargs="+", default=["eager", "trace", "compile"], help="pvae engines (and 'jit') to time"
+        "--engines",
+        nargs="*",
+        choices=PVAE_ENGINES,
+        default=["eager", "trace", "compile"],
+        help="pvae engines (and 'jit') to time; none: only the references and NumPyro",
     )
     parser.add_argument(
         "--references", action="store_true", help="also time stock Pyro SVI and compiled hand step"
     )
     parser.add_argument(
-        "--numpyro", action="store_true", help="also time NumPyro's jitted SVI (needs numpyro)"
+        "--numpyro",
+        action="store_true",
+        help="also time NumPyro's SVI, jitted per step and as a whole-epoch fori_loop (needs jax, numpyro)",
+    )
+    parser.add_argument(
+        "--numpyro-python",
+        default=sys.executable,
+        metavar="PATH",
+        help="the Python that runs NumPyro, with jax and numpyro installed (default: this one)",
+    )
+    parser.add_argument(
+        "--gemm-rounds",
+        type=int,
+        default=None,
+        help="rounds of the GEMM table (0: skip; default: 5 with --numpyro, else 0)",
+    )
+    parser.add_argument("--gemm-seconds", type=float, default=0.05, help="seconds per GEMM cell and round")
+    parser.add_argument(
+        "--gemm-backend",
+        choices=GEMM_BACKENDS,
+        default="compile",
+        help="the route timed beside torch's default: pvae's compile engine (default) or a oneDNN route",
     )
     parser.add_argument("--quality-epochs", type=int, default=30, help="epochs of the quality runs (0: skip)")
     parser.add_argument("--quality-batch-size", type=int, default=128)
@@ -392,11 +701,15 @@ if __name__ == "__main__":
     parser.add_argument("--iwae-particles", type=int, default=5, help="k of the IWAE-trained model (1: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--numpyro-child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds of pause between epochs of different runtimes (their threads spin after work)",
+    )
     arguments = parser.parse_args()
-    if arguments.numpyro_child:
-        z_dim, batch_size = arguments.numpyro_child
-        print(json.dumps(numpyro_epochs(z_dim, batch_size, arguments.epochs, arguments.seed)))
-    else:
-        main(arguments)
-    sys.exit(0)
+    if arguments.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is left out of the medians)")
+    if arguments.gemm_rounds is None:
+        arguments.gemm_rounds = 5 if arguments.numpyro else 0
+    main(arguments)

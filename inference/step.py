@@ -87,7 +87,8 @@ def _signature(args, kwargs) -> tuple:
 
     def describe(value):
         if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+            shape = tuple(value.shape)
+            return ("tensor", shape, value.stride(), value.dtype, value.device, value.requires_grad)
         if isinstance(value, list | tuple):
             return (type(value).__name__, tuple(describe(item) for item in value))
         if isinstance(value, dict):
@@ -110,6 +111,14 @@ def _check_lr(lr) -> float:
 def _lr_dtype(param: torch.Tensor) -> torch.dtype:
     """float64 for the learning-rate input (as exact as the Python float eager Adam uses), except on MPS."""
     return torch.float32 if param.device.type == "mps" else torch.float64
+
+
+def _can_skip_guards() -> bool:
+    """Whether this torch's ``torch.compiler.set_stance`` takes ``skip_guard_eval_unsafe`` (2.6 and later)."""
+    import inspect
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -169,6 +178,7 @@ class SVIStep:
         self._graph = None
         self._traced = None
         self._recording: recorder.Recording | None = None
+        self._skip_guards = False  # compiled graph: call it without Dynamo's guard checks (see _run_graph)
         self._buffers: list[torch.Tensor] = []
         self._update_in_graph = False
         self._graph_signature = None
@@ -409,6 +419,13 @@ class SVIStep:
 
     def _run_graph(self, data: list[torch.Tensor]):
         if self._traced is None:
+            if self._skip_guards:
+                # Dynamo's guards re-check every input's metadata on each call, which costs a large share
+                # of a small step; __call__ has already checked the data's (shapes, strides, dtypes,
+                # devices: _signature) and parameters, buffers and Adam's state keep theirs, so the one
+                # compiled graph is the right one.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._call_graph(data)
             return self._call_graph(data)
         try:  # first call of the compiled graph: compile now, or fall back to the traced graph
             outputs = self._call_graph(data)
@@ -420,6 +437,8 @@ class SVIStep:
             )
             self._graph = self._traced
             outputs = self._call_graph(data)
+        else:
+            self._skip_guards = _can_skip_guards()
         self._traced = None
         return outputs
 
