@@ -116,3 +116,41 @@ def test_compiled_ddpm_step_matches_eager_with_eager_random_numbers():
     compiled_state = compiled_family.state_dict()
     for key, value in eager_family.state_dict().items():
         torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recorded_ddpm_steps_on_the_gpu_with_cuda_graphs():
+    """On CUDA: the traced step equals the eager one (to rounding: CUDA's reductions may reorder), and the
+    compiled step replays as CUDA graphs (``mode="reduce-overhead"``) with the importance sampler's terms
+    delivered after every replay."""
+    options = dict(time_sampling="importance", reverse_variance="learned")
+    batches = _moons_like(12, 64).cuda()
+
+    def run(engine, compile_options=None):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        settings = {"data_shape": (2,), "timesteps": 6, "ema_decay": 0.9, "hidden_dim": 16, "num_blocks": 1}
+        family = DDPM(**(settings | options), name="ddpm").cuda()
+        model, guide, elbo = family.svi_program("meanfield")[:3]
+        step = SVIStep(
+            model,
+            guide,
+            elbo,
+            lr=1e-2,
+            engine=engine,
+            module=family,
+            after_step=family.after_step,
+            compile_options=compile_options,
+        )
+        losses = torch.stack([step(x) for x in batches])
+        return family, step, losses
+
+    _, _, eager_losses = run("eager")
+    _, traced, traced_losses = run("trace")
+    assert traced.counts["graph"] == len(batches) - 1 and traced.disabled_reason is None
+    torch.testing.assert_close(traced_losses, eager_losses, rtol=1e-5, atol=1e-4)
+    compiled_family, compiled, compiled_losses = run("compile", {"mode": "reduce-overhead"})
+    assert compiled.counts["graph"] == len(batches) - 1 and compiled.disabled_reason is None
+    assert torch.isfinite(compiled_losses).all()
+    assert int(compiled_family.term_counts.sum()) == len(batches) * 64
+    assert compiled_family.term_history.device.type == "cuda"
