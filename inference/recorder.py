@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Recording", "check_support", "publish", "record"]
+__all__ = ["Recording", "check_support", "leaves", "publish", "record"]
 
 # the torch releases whose make_fx/TorchDispatchMode behaviour this module was tested with (major, minor)
 TESTED_TORCH = ((2, 2), (2, 14))
@@ -168,7 +168,7 @@ def record(fn: Callable, *inputs, check: Callable | None = None, then: Callable 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     recording = Recording(graph=None)
-    cuda = [t.device for t in _tensors(inputs) if t.device.type == "cuda"][:1]
+    cuda = [t.device for t in leaves(inputs) if t.device.type == "cuda"][:1]
 
     def traced(*args):
         guards, publications = _GuardMode(), []
@@ -191,11 +191,13 @@ def record(fn: Callable, *inputs, check: Callable | None = None, then: Callable 
     return recording
 
 
-def _tensors(value) -> list[torch.Tensor]:
+def leaves(value) -> list[torch.Tensor]:
+    """The tensors among nested lists, tuples and dicts (dicts by sorted key), in order: e.g. a step's
+    positional and keyword arguments, the data inputs of its graph."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, list | tuple):
-        return [tensor for item in value for tensor in _tensors(item)]
+        return [tensor for item in value for tensor in leaves(item)]
     if isinstance(value, dict):
-        return [tensor for key in sorted(value) for tensor in _tensors(value[key])]
+        return [tensor for key in sorted(value) for tensor in leaves(value[key])]
     return []

@@ -71,17 +71,6 @@ __all__ = ["ENGINES", "SVIStep"]
 ENGINES = ("eager", "trace", "compile")
 
 
-def _leaves(value) -> list[torch.Tensor]:
-    """Tensors among positional/keyword arguments, in order (the traced graph's data inputs)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [tensor for item in value for tensor in _leaves(item)]
-    if isinstance(value, dict):
-        return [tensor for key in sorted(value) for tensor in _leaves(value[key])]
-    return []
-
-
 def _signature(args, kwargs) -> tuple:
     """Shapes, dtypes and devices of the tensors among the arguments, plus the non-tensor values."""
 
@@ -444,7 +433,7 @@ class SVIStep:
 
     def _graph_step(self, args, kwargs) -> torch.Tensor | None:
         with torch.no_grad():  # the graph holds its own backward pass: no autograd recording on replay
-            outputs, guards_hold, published = self._run_graph(_leaves((args, kwargs)))
+            outputs, guards_hold, published = self._run_graph(recorder.leaves((args, kwargs)))
         loss, grads = (outputs, None) if self._update_in_graph else outputs
         if self.world_size > 1:  # one decision for all ranks: replay everywhere, or recompute everywhere
             totals = distributed.all_reduce_sum([float(loss), float(bool(guards_hold))], loss.device)
@@ -553,10 +542,10 @@ class SVIStep:
                         self._adam_update(params, outputs[1], state, self._lr_input, ok)
                         return outputs[0]
 
-                    inputs = (params, self._buffers, state, self._lr_input, _leaves((args, kwargs)))
+                    inputs = (params, self._buffers, state, self._lr_input, recorder.leaves((args, kwargs)))
                     recording = recorder.record(loss_and_grads, *inputs, check=finite, then=update)
                 else:
-                    inputs = (params, self._buffers, _leaves((args, kwargs)))
+                    inputs = (params, self._buffers, recorder.leaves((args, kwargs)))
                     recording = recorder.record(loss_and_grads, *inputs, check=finite)
         except Exception as error:
             self.disabled_reason = f"tracing failed ({type(error).__name__}: {error})"
