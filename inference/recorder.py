@@ -2,7 +2,7 @@
 
 The trace and compile engines of :class:`pvae.inference.step.SVIStep` run a step once under
 :func:`record` and replay the recorded graph afterwards. This module is the whole of what they need from
-torch's tracing machinery, behind three names:
+torch's tracing machinery:
 
 :func:`record`
     ``record(fn, *inputs)`` runs ``fn(*inputs)`` once (the random streams left as they were) and returns a

@@ -117,8 +117,8 @@ class DDPM(Family):
     :param time_sampling: how the subsampled pair draws timesteps: ``"plate"`` — one t per call for the
         whole batch, by ``pyro.plate("time", T, subsample_size=1)``; ``"per_datum"`` — one t per datum;
         ``"stratified"`` — one per datum, a batch's spread over T strata; ``"importance"`` — one per datum
-        with p_t ∝ √E[L_t²] from the history of the terms (see the module docstring; the eager engine
-        updates the history after every step, in :meth:`after_step`).
+        with p_t ∝ √E[L_t²] from the history of the terms (see the module docstring; every step engine
+        updates the history after every step, in :meth:`after_step`, from the terms the step publishes).
     :param name: prefix in Pyro's param store (default: unique).
     """
 
