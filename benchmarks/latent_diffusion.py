@@ -27,6 +27,8 @@ Rows (``--parts``):
 - ``two-stage``: the autoencoder frozen, latents scaled to unit spread, the diffusion prior trained
   ``--epochs`` (stage ``"prior"``);
 - ``joint``: from the same autoencoder and scale, everything trained ``--epochs`` on the whole ELBO;
+  the LDM rows' samples are ancestral (T steps of the chain in latent space); with
+  ``--ldm-sample-steps K`` each LDM is scored a second time with samples drawn by DDIM (K steps, η = 0);
 - ``ddpm``: a pixel DDPM (the U-Net of ``pvae.models.diffusion``, ``--ddpm-timesteps``, a timestep per
   digit, L_simple, EMA of the weights) trained on the same binarized digits in model space (0 → −1,
   1 → 1). Its discretized decoder is a distribution over 256 grey levels per pixel; restricted to binary
@@ -115,10 +117,11 @@ def train_seconds(history) -> float:
     return sum(history.epoch_seconds)
 
 
-def samples_of(family, count: int, seed: int) -> torch.Tensor:
-    """``count`` samples (decoder means, (count, 784) in [0, 1]) of a VAE or an LDM, seeded."""
+def samples_of(family, count: int, seed: int, **options) -> torch.Tensor:
+    """``count`` samples (decoder means, (count, 784) in [0, 1]) of a VAE or an LDM, seeded; ``options``
+    go to ``sample`` (e.g. ``steps`` for DDIM in an LDM's latent space)."""
     generator = torch.Generator().manual_seed(seed)
-    return family.sample(count, generator=generator).cpu()
+    return family.sample(count, generator=generator, **options).cpu()
 
 
 def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
@@ -192,14 +195,19 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
             seed=args.seed,
             progress=False,
         )
-        rows.append(
-            scored(
-                f"LDM {recipe} (latent scale {float(family.latent_scale):.3g})",
-                family,
-                f"{first_epochs} + {second_epochs}",
-                f"{first_seconds:.0f} + {train_seconds(run.second):.0f}",
-            )
+        row = scored(
+            f"LDM {recipe} (latent scale {float(family.latent_scale):.3g})",
+            family,
+            f"{first_epochs} + {second_epochs}",
+            f"{first_seconds:.0f} + {train_seconds(run.second):.0f}",
         )
+        rows.append(row)
+        if args.ldm_sample_steps:  # the same model, its samples drawn by DDIM in latent space
+            samples = samples_of(family, args.quality_samples, args.seed, steps=args.ldm_sample_steps)
+            distance, entropy = sample_quality(samples, test_grey)
+            name = f"LDM {recipe}, samples by DDIM ({args.ldm_sample_steps} steps)"
+            print(f"  {name}: Fréchet distance {distance:.2f}", flush=True)
+            rows.append(Row(name, row.epochs, row.train_seconds, row.elbo, row.images, distance, entropy))
     return rows
 
 
@@ -404,6 +412,12 @@ if __name__ == "__main__":
     parser.add_argument("--ddpm-ema-decay", type=float, default=0.999)
     parser.add_argument("--ddpm-eval-images", type=int, default=100, help="test digits for its ELBO")
     parser.add_argument("--ddpm-sample-steps", type=int, default=25, help="DDIM steps of its samples")
+    parser.add_argument(
+        "--ldm-sample-steps",
+        type=int,
+        default=0,
+        help="also score the LDMs' samples drawn by DDIM with this many steps (0: ancestral only)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())
