@@ -106,8 +106,11 @@ def _can_skip_guards() -> bool:
     """Whether this torch's ``torch.compiler.set_stance`` takes ``skip_guard_eval_unsafe`` (2.6 and later)."""
     import inspect
 
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+    try:
+        from torch.compiler import set_stance
+    except ImportError:
+        return False
+    return "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
