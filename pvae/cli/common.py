@@ -121,8 +121,9 @@ def add_image_data_arguments(parser, datasets: tuple[str, ...]) -> None:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
-def add_engine_arguments(parser) -> None:
-    """``--engine`` (the step engine of :class:`pvae.inference.step.SVIStep`) and ``--compile-mode``."""
+def add_engine_arguments(parser, compile_mode: bool = True) -> None:
+    """``--engine`` (the step engine of :class:`pvae.inference.step.SVIStep`) and, with ``compile_mode``,
+    ``--compile-mode``."""
     from pvae.inference.step import ENGINES
 
     parser.add_argument(
@@ -131,6 +132,8 @@ def add_engine_arguments(parser) -> None:
         default="eager",
         help="eager (default), trace (replay a recorded graph of the step) or compile (torch.compile it)",
     )
+    if not compile_mode:
+        return
     parser.add_argument(
         "--compile-mode",
         choices=COMPILE_MODES,

@@ -6,6 +6,7 @@ import os
 
 from pvae.cli.common import (
     add_common,
+    add_engine_arguments,
     bounded_float,
     device_from_args,
     non_negative_int,
@@ -58,6 +59,7 @@ def register_toy(subparsers) -> None:
         "--num-samples", type=positive_int, default=1000, help="guide draws for the comparison"
     )
     parser.add_argument("--out", default=os.path.join("runs", "toy"), help="folder for the overlay plot")
+    add_engine_arguments(parser, compile_mode=False)
     add_common(parser)
     parser.set_defaults(run=_run_toy)
 
@@ -80,7 +82,9 @@ def _toy(args) -> int:
     seed_everything(args.seed)
     family = ExponentialGaussian(rate=args.rate, scale=args.scale).to(device)
     x = torch.tensor(args.x, dtype=torch.float64, device=device)
-    guide, _ = family.fit_guide(args.guide, x, args.num_steps, args.seed, progress=not args.json)
+    guide, _ = family.fit_guide(
+        args.guide, x, args.num_steps, args.seed, progress=not args.json, engine=args.engine
+    )
     result = compare(
         family.model,
         guide,

@@ -40,6 +40,30 @@ def test_toy_table_and_plot(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "toy_meanfield.png") > 10_000
 
 
+def test_toy_fits_the_same_guide_on_the_trace_engine(tmp_path, capsys, monkeypatch):
+    """The recorded step replays the eager one bit for bit, so the fitted guide's table is the same."""
+    from pvae.inference.step import SVIStep
+
+    replayed = []
+    graph_step = SVIStep._graph_step
+
+    def counted(self, *arguments):
+        loss = graph_step(self, *arguments)
+        replayed.append(loss is not None)
+        return loss
+
+    monkeypatch.setattr(SVIStep, "_graph_step", counted)
+    args = ["toy", "--guide", "amortized", "--num-steps", "30", "--x", "0", "2", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    eager = capsys.readouterr().out
+    assert not replayed
+    assert cli.main([*args, "--engine", "trace"]) == 0
+    assert capsys.readouterr().out == eager
+    assert len(replayed) == 29 and all(replayed)  # every step after the first replayed the recording
+    assert cli.main([*args, "--engine", "tpu"]) == 2
+    assert "argument --engine: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
