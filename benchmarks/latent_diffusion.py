@@ -9,7 +9,7 @@ the 1,000 test digits, binarized once (seed 0), by
   pairs each model with the LDM's stage-1 autoencoder (its N(0, I) prior) on the same images;
 - **Fréchet distance** of ``--quality-samples`` samples to the test digits (grey levels) in the features
   of ``pvae.metrics``' digit classifier, and the **entropy** of the samples' label histogram (log 10 when
-  every digit is drawn equally often);
+  every digit is drawn equally often), each averaged over ``--quality-draws`` independent draws;
 - **train s**: wall time of the training passes (``History.epoch_seconds``; evaluation excluded).
 
 Rows (``--parts``):
@@ -117,6 +117,17 @@ def train_seconds(history) -> float:
     return sum(history.epoch_seconds)
 
 
+def drawn_quality(draw, args, test_grey) -> tuple[float, float]:
+    """Fréchet distance and label entropy averaged over ``--quality-draws`` independent draws of
+    ``--quality-samples`` samples (``draw(seed) -> (n, 784)`` in [0, 1]): one draw's distance moves by
+    several units from draw to draw."""
+    scores = [sample_quality(draw(args.seed + index), test_grey) for index in range(args.quality_draws)]
+    distances = [distance for distance, _ in scores]
+    if len(distances) > 1:
+        print(f"    Fréchet distance per draw: {', '.join(f'{d:.2f}' for d in distances)}", flush=True)
+    return sum(distances) / len(scores), sum(entropy for _, entropy in scores) / len(scores)
+
+
 def samples_of(family, count: int, seed: int, **options) -> torch.Tensor:
     """``count`` samples (decoder means, (count, 784) in [0, 1]) of a VAE or an LDM, seeded; ``options``
     go to ``sample`` (e.g. ``steps`` for DDIM in an LDM's latent space)."""
@@ -150,7 +161,9 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
         """``model``: the LDM, or its autoencoder (its N(0, I) prior); both have ``elbo`` and ``sample``."""
         model.eval()
         values = per_image_elbo(model.elbo, test_x, draws=args.elbo_draws, seed=args.seed)
-        distance, entropy = sample_quality(samples_of(model, args.quality_samples, args.seed), test_grey)
+        distance, entropy = drawn_quality(
+            lambda seed: samples_of(model, args.quality_samples, seed), args, test_grey
+        )
         row = Row(name, epochs, seconds, values, all_images, distance, entropy)
         print(f"  {name}: ELBO {values.mean():.2f}, Fréchet distance {distance:.2f}", flush=True)
         return row
@@ -203,8 +216,13 @@ def latent_rows(args, loader, train_grey, test_x, test_grey) -> list[Row]:
         )
         rows.append(row)
         if args.ldm_sample_steps:  # the same model, its samples drawn by DDIM in latent space
-            samples = samples_of(family, args.quality_samples, args.seed, steps=args.ldm_sample_steps)
-            distance, entropy = sample_quality(samples, test_grey)
+            distance, entropy = drawn_quality(
+                lambda seed, model=family: samples_of(
+                    model, args.quality_samples, seed, steps=args.ldm_sample_steps
+                ),
+                args,
+                test_grey,
+            )
             name = f"LDM {recipe}, samples by DDIM ({args.ldm_sample_steps} steps)"
             print(f"  {name}: Fréchet distance {distance:.2f}", flush=True)
             rows.append(Row(name, row.epochs, row.train_seconds, row.elbo, row.images, distance, entropy))
@@ -222,7 +240,9 @@ def vae_rows(args, loader, test_x, test_grey) -> list[Row]:
     def row(label: str, epochs: str, seconds: float) -> Row:
         vae.eval()
         values = per_image_elbo(vae.elbo, test_x, draws=args.elbo_draws, seed=args.seed)
-        distance, entropy = sample_quality(samples_of(vae, args.quality_samples, args.seed), test_grey)
+        distance, entropy = drawn_quality(
+            lambda seed: samples_of(vae, args.quality_samples, seed), args, test_grey
+        )
         print(f"  {label}: ELBO {values.mean():.2f}, Fréchet distance {distance:.2f}", flush=True)
         vae.train()
         return Row(label, epochs, f"{seconds:.0f}", values, torch.arange(len(test_x)), distance, entropy)
@@ -268,16 +288,18 @@ def ddpm_row(args, train_grey, test_x, test_grey) -> Row:
     images = spread_subset(args.ddpm_eval_images, len(test_x))
     model_space = (2 * test_x[images] - 1).reshape(-1, 1, 28, 28)  # (n, 1, 28, 28) in {−1, 1}
     values = per_image_elbo(family.elbo, model_space, draws=1, seed=args.seed, chunk=50)
-    generator = torch.Generator().manual_seed(args.seed)
-    samples = family.sample(
-        args.quality_samples,
-        steps=args.ddpm_sample_steps,
-        clip_denoised=True,
-        generator=generator,
-        progress=False,
-    )
-    grey = from_model_space(samples).float().div(255).reshape(-1, 784)  # (n, 784) in [0, 1]
-    distance, entropy = sample_quality(grey, test_grey)
+
+    def draw(seed: int) -> torch.Tensor:
+        samples = family.sample(
+            args.quality_samples,
+            steps=args.ddpm_sample_steps,
+            clip_denoised=True,
+            generator=torch.Generator().manual_seed(seed),
+            progress=False,
+        )
+        return from_model_space(samples).float().div(255).reshape(-1, 784)  # (n, 784) in [0, 1]
+
+    distance, entropy = drawn_quality(draw, args, test_grey)
     print(f"  ddpm: ELBO {values.mean():.2f}, Fréchet distance {distance:.2f}", flush=True)
     return Row(
         f"pixel DDPM, U-Net {tuple(args.ddpm_channels)}, T = {args.ddpm_timesteps}, {args.ddpm_objective}",
@@ -340,7 +362,8 @@ def main(args):
         f"{args.architecture} autoencoder z = {args.z_dim} (hidden {args.hidden_dim}), prior chain "
         f"T = {args.timesteps} (denoiser width {args.prior_hidden_dim}); stage 1 at rate {args.lr:g}, "
         f"second stages {args.prior_lr:g} → {args.lr_end:g}. Test ELBO: {args.elbo_draws} draw(s) per image; "
-        f"{args.quality_samples} samples per model; label entropy in nats (log 10 = {math.log(10):.3f}). "
+        f"{args.quality_samples} samples per model and draw, {args.quality_draws} draw(s); label entropy "
+        f"in nats (log 10 = {math.log(10):.3f}). "
         f"Whole run {total / 60:.1f} min.\n"
     )
     print(
@@ -396,7 +419,10 @@ if __name__ == "__main__":
     parser.add_argument("--lr-end", type=float, default=1e-4, help="last rate of the second stages")
     parser.add_argument("--objective", choices=("meanfield", "elbo"), default="meanfield")
     parser.add_argument("--elbo-draws", type=int, default=4, help="ELBO draws averaged per test image")
-    parser.add_argument("--quality-samples", type=int, default=1000, help="samples per model")
+    parser.add_argument("--quality-samples", type=int, default=1000, help="samples per model and draw")
+    parser.add_argument(
+        "--quality-draws", type=int, default=3, help="independent draws of samples, distances averaged"
+    )
     parser.add_argument("--ddpm-epochs", type=int, default=8)
     parser.add_argument("--ddpm-timesteps", type=int, default=100)
     parser.add_argument("--ddpm-channels", type=int, nargs="+", default=[16, 32])
