@@ -11,13 +11,17 @@ the way NumPyro's users declare networks (``numpyro.module``):
   ``numpyro.optim.Adam(1e-3)``, from the parent's initial weights (torch's (out, in) matrices transposed
   into stax's (in, out)).
 
-Two training loops, each with its own SVI state, over the batches the parent wrote:
+Two training loops, each with its own SVI state and random key, over the grey-level batches the parent
+wrote (the digits of the torch loops' batches, in the same order). Each batch is binarized inside the
+jitted function, ``jax.random.bernoulli`` on a key split off the loop's key, as NumPyro's own VAE example
+does, so NumPyro pays for its binary draws as the torch loops pay for theirs:
 
 ``step``
-    ``update = jax.jit(svi.update)`` called once per batch on the NumPy array of that batch (so each call
-    converts it to a device array, as a user's loop does), ``block_until_ready`` at the end of the epoch;
+    ``update = jax.jit(step)``, where ``step`` binarizes the batch and calls ``svi.update``, called once
+    per batch on the NumPy array of that batch (so each call converts it to a device array, as a user's
+    loop does), ``block_until_ready`` at the end of the epoch;
 ``fori``
-    the whole epoch as one jitted ``jax.lax.fori_loop`` of ``svi.update`` over the epoch's batches,
+    the whole epoch as one jitted ``jax.lax.fori_loop`` of the same body over the epoch's batches,
     already on the device as one (batches, batch size, 784) array.
 
 Protocol: one JSON request per line on stdin, one JSON reply per line on stdout (the process's own stdout
@@ -25,8 +29,8 @@ is redirected to stderr, so nothing printed by a library can mix with the replie
 
 - ``{"op": "versions"}`` → jax, jaxlib and numpyro versions, XLA's devices and its threads;
 - ``{"op": "load", "path": P, "key": K}`` → reads ``P`` (``.npz``: ``batches``, uint8 of shape (epochs,
-  batches, batch size, 784), binary pixels, and the initial weights under torch's state-dict names), builds
-  the SVI and both states from ``jax.random.PRNGKey(K)``; replies with the shape;
+  batches, batch size, 784), grey levels 0…255, and the initial weights under torch's state-dict names),
+  builds the SVI and both states from ``jax.random.PRNGKey(K)``; replies with the shape;
 - ``{"op": "reset"}`` → both loops back to the initial weights and the same random key (compiled functions
   are kept);
 - ``{"op": "epoch", "loop": "step" | "fori", "index": e}`` → trains that loop one epoch on epoch ``e``'s
@@ -81,8 +85,9 @@ class Trainer:
 
         with np.load(path) as stored:
             arrays = {name: stored[name] for name in stored.files}
-        pixels = arrays.pop("batches")  # (epochs, batches, batch size, 784), uint8 0/1
-        self.host_batches = pixels.astype(np.float32)  # NumPy batches, as a user's data pipeline gives
+        pixels = arrays.pop("batches")  # (epochs, batches, batch size, 784), uint8 grey levels
+        # NumPy batches of grey levels in [0, 1], as a user's data pipeline gives them
+        self.host_batches = pixels.astype(np.float32) / np.float32(255)
         self.device_batches = [jax.device_put(epoch) for epoch in self.host_batches]
         batch_size, x_dim = self.host_batches.shape[2:]
         hidden_dim, z_dim = arrays["decoder.0.weight"].shape
@@ -115,44 +120,58 @@ class Trainer:
         }
         self.svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
         self.key = jax.random.PRNGKey(key)
-        self.update = jax.jit(self.svi.update)
         svi = self.svi
 
-        def whole_epoch(state, data):
-            def body(index, carry):
-                state, total = carry
-                state, loss = svi.update(state, data[index])
-                return state, total + loss
+        def step(state, key, grey):  # one SVI step on a fresh binarization of the batch
+            key, draw = jax.random.split(key)
+            binary = jax.random.bernoulli(draw, grey).astype(grey.dtype)
+            state, loss = svi.update(state, binary)
+            return state, key, loss
 
-            return jax.lax.fori_loop(0, data.shape[0], body, (state, jnp.zeros((), data.dtype)))
+        self.update = jax.jit(step)
+
+        def whole_epoch(state, key, data):
+            def body(index, carry):
+                state, key, total = carry
+                state, key, loss = step(state, key, data[index])
+                return state, key, total + loss
+
+            zero = jnp.zeros((), data.dtype)
+            return jax.lax.fori_loop(0, data.shape[0], body, (state, key, zero))
 
         self.whole_epoch = jax.jit(whole_epoch)
         self.images_per_epoch = self.host_batches.shape[1] * batch_size
         self.reset()
 
     def reset(self):
-        start = self.svi.init(self.key, self.host_batches[0, 0], init_params=self.initial)
+        import jax
+
+        first = (self.host_batches[0, 0] > 0.5).astype(self.host_batches.dtype)  # a binary batch
+        start = self.svi.init(self.key, first, init_params=self.initial)
         self.states = {"step": start, "fori": start}
+        binarize_key = jax.random.fold_in(self.key, 1)
+        self.keys = {"step": binarize_key, "fori": binarize_key}
 
     def epoch(self, loop: str, index: int) -> dict:
         if loop == "step":
-            state, losses = self.states["step"], []
+            state, key, losses = self.states["step"], self.keys["step"], []
             begin = time.perf_counter()
             for x in self.host_batches[index]:
-                state, loss = self.update(state, x)
+                state, key, loss = self.update(state, key, x)
                 losses.append(loss)
             loss.block_until_ready()
             seconds = time.perf_counter() - begin
             total = float(sum(float(value) for value in losses))
         elif loop == "fori":
             begin = time.perf_counter()
-            state, total = self.whole_epoch(self.states["fori"], self.device_batches[index])
+            key = self.keys["fori"]
+            state, key, total = self.whole_epoch(self.states["fori"], key, self.device_batches[index])
             total.block_until_ready()
             seconds = time.perf_counter() - begin
             total = float(total)
         else:
             raise ValueError(f"loop must be 'step' or 'fori', got {loop!r}")
-        self.states[loop] = state
+        self.states[loop], self.keys[loop] = state, key
         return {"seconds": seconds, "elbo": -total / self.images_per_epoch}
 
 

@@ -1,9 +1,10 @@
 """Benchmark: the same VAE trained through pvae's ``train``, a hand-written PyTorch loop and NumPyro.
 
 All sides train the same VAE (784 → hidden → z, LeakyReLU(0.2) encoder giving μ and log σ², ReLU decoder)
-on the 4,000 mnist5k training digits, dynamically binarized by ``BatchLoader``\\ s built alike (so all
-see the same batches and the same binary draws; the timed runs drop the last incomplete batch, so
-every step has the full batch size), from the same initial weights, with Adam (lr 1e-3):
+on the 4,000 mnist5k training digits, dynamically binarized by ``BatchLoader``\\ s built alike (so the
+torch loops see the same batches and the same binary draws, NumPyro the same digits; the timed runs
+drop the last incomplete batch, so every step has the full batch size), from the same initial weights,
+with Adam (lr 1e-3):
 
 - **hand-written**: the usual VAE loop, eager PyTorch — ``BCE(sigmoid(decoder(z)), x, reduction="sum")``
   plus the analytic KL ½Σ(−log σ² + μ² + σ² − 1), ``torch.optim.Adam`` with its defaults;
@@ -15,9 +16,11 @@ every step has the full batch size), from the same initial weights, with Adam (l
   ``block_until_ready`` at the end of the epoch), and the whole epoch as one jitted ``jax.lax.fori_loop``
   over the epoch's batches held on the device as one (batches, batch size, 784) array. It runs in a child
   process under ``--numpyro-python`` (a Python with jax and numpyro; neither torch nor pvae is imported
-  there), which reads the binarized batches this process draws — the batches the torch loops see, in the
-  same order — from a ``.npz`` file, and gives XLA as many threads as torch has. (The torch loops binarize
-  each batch inside the timed epoch, NumPyro gets it binarized.)
+  there), which reads the digits of the torch loops' batches, in the same order, as grey levels from a
+  ``.npz`` file, and gives XLA as many threads as torch has. Like the torch loops, which binarize each batch
+  inside the timed epoch (``BatchLoader``), NumPyro binarizes each batch inside its timed epoch, with
+  ``jax.random.bernoulli`` in the jitted function, as NumPyro's own VAE example does: the same digits and
+  the same work, other binary draws of them.
 
 Epochs are interleaved (pvae's ``train`` calls back after each epoch, and the hand-written epoch and then
 NumPyro's two epochs run there; A B C D A B C D …), so machine noise hits every row alike; each row gives
@@ -355,15 +358,27 @@ class NumPyroRows:
 
     def __init__(self, child: NumPyroChild, train_x, z_dim, batch_size, epochs, seed):
         self.child = child
-        data = timed_loader(train_x, batch_size, seed)  # the same batches, in the same order
-        batches = torch.stack([torch.stack([x for x, _ in data]) for _ in range(epochs)])
+        # the digits of the torch loops' batches, in the same order, as grey levels: the loader built alike
+        # with each digit's index as its label (labels take no random draws, so the order is the same)
+        data = BatchLoader(
+            train_x,
+            torch.arange(len(train_x)),
+            batch_size=batch_size,
+            binarize="dynamic",
+            seed=seed,
+            drop_last=True,
+        )
+        grey = torch.stack([torch.stack([train_x[index] for _, index in data]) for _ in range(epochs)])
+        levels = (grey * 255).round()
+        if not torch.equal(levels / 255, grey):
+            raise ValueError("the digits are not on the 256-level grid that the NumPyro child reads")
         torch.manual_seed(seed)
         initial = ReferenceVAE(z_dim).state_dict()  # the initial weights of every torch run
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "batches.npz")
             np.savez(
                 path,
-                batches=batches.to(torch.uint8).numpy(),
+                batches=levels.to(torch.uint8).numpy(),
                 **{name: value.numpy() for name, value in initial.items()},
             )
             self.child.ask("load", path=path, key=seed)

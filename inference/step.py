@@ -16,7 +16,10 @@ param-store re-tracing cost more than the network itself on small batches. Three
     without any Python of Pyro's, so it is equal to the eager step (tested bit for bit on CPU).
 
 ``"compile"``
-    the traced graph compiled whole by ``torch.compile`` (Inductor): the element-wise work of Pyro's
+    the traced graph compiled whole by Inductor, torch's compiler (``torch._inductor.compile``, its entry
+    point for FX graphs captured without TorchDynamo: the graph is already whole and static, so Dynamo,
+    which ``torch.compile`` would put in front, has nothing to trace and its per-call frame handling and
+    guard checks would only add cost): the element-wise work of Pyro's
     log-densities, validation checks and the backward pass becomes a few fused kernels around the matrix
     products. Compiling takes tens of seconds once per run (Inductor caches it on disk), and Inductor
     draws its own random numbers (seeded from torch's generator), so it matches the eager step in
@@ -102,21 +105,54 @@ def _lr_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float32 if param.device.type == "mps" else torch.float64
 
 
-def _can_skip_guards() -> bool:
-    """Whether this torch's ``torch.compiler.set_stance`` takes ``skip_guard_eval_unsafe`` (2.6 and later)."""
-    import inspect
-
-    try:
-        from torch.compiler import set_stance
-    except ImportError:
-        return False
-    return "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
-
-
 def _fused_supported(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") and not p.is_sparse for p in params
     )
+
+
+COMPILE_OPTIONS = ("mode", "options", "fullgraph", "dynamic")
+
+
+def _inductor_patches(compile_options: dict) -> dict:
+    """The Inductor configuration that ``torch.compile(**compile_options)`` would give a whole static
+    graph: the ``mode``'s settings, then ``options``. ``fullgraph`` is moot (the graph is whole) and
+    ``dynamic`` may not be true (a recorded step has fixed shapes)."""
+    unknown = sorted(set(compile_options) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"compile_options takes {COMPILE_OPTIONS}, got {unknown}")
+    if compile_options.get("dynamic"):
+        raise ValueError("compile_options: dynamic=True is not supported, a recorded step has fixed shapes")
+    import torch._inductor
+
+    mode = compile_options.get("mode") or "default"
+    try:
+        patches = dict(torch._inductor.list_mode_options(mode))
+    except RuntimeError as error:
+        raise ValueError(f"compile_options: {error}") from None
+    options = compile_options.get("options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"compile_options: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(torch._inductor.list_options()))
+    if unknown:
+        raise ValueError(f"compile_options: {unknown} are not settings of torch._inductor.config")
+    return patches | options
+
+
+class _Compiled:
+    """A recorded graph compiled by Inductor on its first call, on that call's inputs (a copy of the graph:
+    Inductor rewrites the one it is given, and the original stays the fallback)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, patches: dict):
+        self.graph, self.patches, self.function = graph, patches, None
+
+    def __call__(self, *inputs):
+        if self.function is None:
+            import torch._inductor
+
+            graph = torch.fx.GraphModule(self.graph, copy.deepcopy(self.graph.graph))
+            self.function = torch._inductor.compile(graph, list(inputs), options=self.patches)
+        return self.function(*inputs)
 
 
 class SVIStep:
@@ -138,9 +174,10 @@ class SVIStep:
     :param after_step: called with no arguments after every optimizer step (e.g. an EMA of weights).
     :param adam_kwargs: further ``torch.optim.Adam`` arguments (``betas``, ``eps``, ``weight_decay``,
         ``fused``).
-    :param compile_options: keyword arguments for ``torch.compile`` with ``engine="compile"``, e.g.
-        ``{"mode": "max-autotune-no-cudagraphs"}`` (Inductor then times its own GEMM kernels against ATen's),
-        or ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU.
+    :param compile_options: with ``engine="compile"``, what ``torch.compile`` would take for Inductor
+        (:data:`COMPILE_OPTIONS`): a ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` (Inductor then times its
+        own GEMM kernels against ATen's) or ``"reduce-overhead"`` (CUDA graphs on a GPU), and ``options``, a
+        dict of ``torch._inductor.config`` settings.
     """
 
     def __init__(
@@ -162,7 +199,8 @@ class SVIStep:
         self.model, self.guide, self.elbo = model, guide, elbo
         self.lr, self.engine, self.module, self.after_step = float(lr), engine, module, after_step
         self.adam_kwargs = dict(adam_kwargs or {})
-        self.compile_options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
+        self.compile_options = dict(compile_options or {})
+        self._inductor_patches = _inductor_patches(self.compile_options) if engine == "compile" else {}
         self.param_names: list[str] | None = None
         self.params: list[torch.Tensor] | None = None
         self.optimizer: torch.optim.Adam | None = None
@@ -170,7 +208,6 @@ class SVIStep:
         self._graph = None
         self._traced = None
         self._recording: recorder.Recording | None = None
-        self._skip_guards = False  # compiled graph: call it without Dynamo's guard checks (see _run_graph)
         self._buffers: list[torch.Tensor] = []
         self._update_in_graph = False
         self._graph_signature = None
@@ -178,6 +215,8 @@ class SVIStep:
         self._guard_failures = 0
         self.num_steps = 0  # optimizer steps applied so far (saved by state_dict, for schedules)
         self.disabled_reason: str | None = None
+        # why the compile engine replays its traced graph uncompiled (compiling failed), else None
+        self.compile_failure: str | None = None
         self.counts = {"eager": 0, "graph": 0, "guard_failures": 0}
         self.world_size = distributed.world_size()  # processes sharing each step (1: none)
         self._ddp: nn.Module | None = None
@@ -411,26 +450,17 @@ class SVIStep:
 
     def _run_graph(self, data: list[torch.Tensor]):
         if self._traced is None:
-            if self._skip_guards:
-                # Dynamo's guards re-check every input's metadata on each call, which costs a large share
-                # of a small step; __call__ has already checked the data's (shapes, strides, dtypes,
-                # devices: _signature) and parameters, buffers and Adam's state keep theirs, so the one
-                # compiled graph is the right one.
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._call_graph(data)
             return self._call_graph(data)
         try:  # first call of the compiled graph: compile now, or fall back to the traced graph
             outputs = self._call_graph(data)
         except Exception as error:
+            self.compile_failure = f"{type(error).__name__}: {error}"
             warnings.warn(
-                f"SVIStep: torch.compile failed ({type(error).__name__}: {error}); replaying the traced "
-                "graph uncompiled",
+                f"SVIStep: compiling failed ({self.compile_failure}); replaying the traced graph uncompiled",
                 stacklevel=4,
             )
             self._graph = self._traced
             outputs = self._call_graph(data)
-        else:
-            self._skip_guards = _can_skip_guards()
         self._traced = None
         return outputs
 
@@ -564,5 +594,5 @@ class SVIStep:
         graph = recording.graph
         if self.engine == "compile":
             self._traced = graph
-            graph = torch.compile(graph, **self.compile_options)
+            graph = _Compiled(graph, self._inductor_patches)
         self._graph = graph

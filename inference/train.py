@@ -277,9 +277,10 @@ def train(
     :param jit: use Pyro's ``JitTrace_ELBO``/``JitTraceMeanField_ELBO`` (TorchScript-traced loss).
     :param num_particles: k of IWAE-k; for the ELBOs, samples averaged per step.
     :param engine: ``"eager"``, ``"trace"`` (replay a recorded graph of the step) or ``"compile"`` (that
-        graph compiled by ``torch.compile``); see :mod:`pvae.inference.step`.
+        graph compiled by Inductor); see :mod:`pvae.inference.step`.
     :param adam_kwargs: further ``torch.optim.Adam`` arguments.
-    :param compile_options: ``torch.compile`` keyword arguments for ``engine="compile"`` (e.g. ``mode``).
+    :param compile_options: for ``engine="compile"``, Inductor's ``mode`` and ``options`` as ``torch.compile``
+        takes them (:data:`pvae.inference.step.COMPILE_OPTIONS`).
     :param metadata: plain data stored with the run's settings in the checkpoint (e.g. the data set used).
     :param callback: called as ``callback(epoch, history)`` after each epoch (1-based, after its checkpoint),
         e.g. to print progress, stop early (by raising), or interleave other work. With several processes

@@ -198,7 +198,9 @@ class DiffusionSchedule(nn.Module):
             raise ValueError(f"unknown coefficient {name!r}; the table has {', '.join(self._master)}")
         if table.dtype != like.dtype:
             table = table.to(like.dtype)
-        values = table.take(t)  # a gather, shaped like t (no host sync for a 0-d t)
+        # a gather shaped like t, with no host sync even for a 0-d t (Inductor's decomposition of ``take``
+        # indexes with a 0-d t as a Python integer, reading its value on the host)
+        values = table.index_select(0, t.reshape(-1)).view(t.shape)
         return values.view(*t.shape, *(1,) * event_dims) if event_dims else values
 
     def extra_repr(self) -> str:

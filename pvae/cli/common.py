@@ -130,7 +130,8 @@ def add_engine_arguments(parser, compile_mode: bool = True) -> None:
         "--engine",
         choices=ENGINES,
         default="eager",
-        help="eager (default), trace (replay a recorded graph of the step) or compile (torch.compile it)",
+        help="eager (default), trace (replay a recorded graph of the step) or compile (that graph "
+        "compiled by Inductor)",
     )
     if not compile_mode:
         return
@@ -138,8 +139,8 @@ def add_engine_arguments(parser, compile_mode: bool = True) -> None:
         "--compile-mode",
         choices=COMPILE_MODES,
         default=None,
-        help="torch.compile mode with --engine compile: reduce-overhead replays CUDA graphs on a GPU "
-        "(default: torch's default mode)",
+        help="Inductor's mode with --engine compile, as torch.compile names them: reduce-overhead "
+        "replays CUDA graphs on a GPU (default: torch's default mode)",
     )
 
 

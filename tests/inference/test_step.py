@@ -193,6 +193,7 @@ def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers(fused)
             FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY, adam_kwargs={"fused": fused}
         )
     assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
+    assert compiled.compile_failure is None  # compiled, not the traced graph replayed as a fallback
     assert compiled._update_in_graph is not fused
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-3)
     for a, b in zip(eager_family.parameters(), compiled_family.parameters()):
@@ -203,6 +204,36 @@ def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers(fused)
         (a - b).abs().max().item() for a, b in zip(eager_family.parameters(), constant_family.parameters())
     ]
     assert max(differences) > 1e-3
+
+
+def test_compile_options_are_checked_when_the_step_is_made():
+    family = FAMILIES["vae"]()
+    for options, message in [
+        ({"backend": "eager"}, "compile_options takes"),
+        ({"mode": "fastest"}, "Unrecognized mode"),
+        ({"dynamic": True}, "fixed shapes"),
+        ({"options": {"no_such_setting": 1}}, "not settings of torch._inductor.config"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SVIStep(family.model, family.guide, Trace_ELBO(), engine="compile", compile_options=options)
+
+
+def test_a_graph_inductor_cannot_compile_is_replayed_uncompiled(monkeypatch):
+    """Compiling fails on the first replay: the step warns, says why, and replays the traced graph, so the
+    run goes on with the trace engine's results (equal to eager bit for bit)."""
+    import torch._inductor
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch._inductor, "compile", refuse)
+    batches = _batches(4)
+    _, traced, traced_losses = _run(FAMILIES["vae"], Trace_ELBO, "trace", batches)
+    with pytest.warns(UserWarning, match="compiling failed .*no compiler here"):
+        _, compiled, compiled_losses = _run(FAMILIES["vae"], Trace_ELBO, "compile", batches)
+    assert compiled.compile_failure == "RuntimeError: no compiler here"
+    assert compiled.counts == traced.counts == {"eager": 1, "graph": 3, "guard_failures": 0}
+    assert torch.equal(compiled_losses, traced_losses)
 
 
 def test_parameters_shared_with_another_family_are_refused():

@@ -112,6 +112,7 @@ def test_compiled_ddpm_step_matches_eager_with_eager_random_numbers():
     with inductor_config.patch(fallback_random=True):  # draw random numbers as eager torch does
         compiled_family, compiled, compiled_losses = _run(options, objective, batches, "compile")
     assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
+    assert compiled.compile_failure is None  # compiled, not the traced graph replayed as a fallback
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-3)
     compiled_state = compiled_family.state_dict()
     for key, value in eager_family.state_dict().items():
