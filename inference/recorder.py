@@ -152,6 +152,16 @@ class Recording:
             start += count
 
 
+def _is_all_true(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.all()
+
+
+# aten ops recorded as others that compute the same values. ``_is_all_true`` (a bool tensor's "all", which
+# torch.distributions' validation reads) has no Inductor lowering, so each would be an eager call out of the
+# compiled code that also splits its fused kernels; ``all`` is an ordinary reduction Inductor fuses.
+_DECOMPOSITIONS = {torch.ops.aten._is_all_true.default: _is_all_true}
+
+
 def record(fn: Callable, *inputs, check: Callable | None = None, then: Callable | None = None) -> Recording:
     """Run ``fn(*inputs)`` once under ``make_fx`` and return its :class:`Recording`.
 
@@ -187,7 +197,7 @@ def record(fn: Callable, *inputs, check: Callable | None = None, then: Callable 
         return outputs, hold, [t for _, tensors in publications for t in tensors]
 
     with torch.random.fork_rng(devices=cuda), _loss_values_as_tensors():
-        recording.graph = make_fx(traced)(*inputs)
+        recording.graph = make_fx(traced, decomposition_table=_DECOMPOSITIONS)(*inputs)
     return recording
 
 

@@ -206,6 +206,20 @@ def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers(fused)
     assert max(differences) > 1e-3
 
 
+def test_recorded_validation_checks_are_reductions_inductor_compiles():
+    """torch.distributions' checks read ``_is_all_true``, which Inductor cannot compile (an eager call out
+    of the compiled code each): the recording holds ``all`` in its place, and the guards still fire."""
+    batches = _batches(3)
+    _, step, _ = _run(FAMILIES["vae"], Trace_ELBO, "trace", batches)
+    targets = [node.target for node in step._graph.graph.nodes if node.op == "call_function"]
+    assert torch.ops.aten._is_all_true.default not in targets
+    assert targets.count(torch.ops.aten.all.default) >= 2  # the support checks of x and z, at least
+    grey = batches[0] * 0.5  # not binary: Bernoulli's support check fails, the step reruns eagerly
+    with pytest.raises(ValueError, match="binary"):
+        step(grey)
+    assert step.counts["guard_failures"] == 1
+
+
 def test_compile_options_are_checked_when_the_step_is_made():
     family = FAMILIES["vae"]()
     for options, message in [
