@@ -38,7 +38,7 @@ GEMM (``--gemm-rounds``, by default with ``--numpyro``): GFLOP/s of fp32 product
 interleaved in rounds — a linear layer's forward and backward (batch × 784 × 400, as
 ``benchmarks/gemm.py`` times it) and a 2048³ product — for torch's default route (what ``nn.Linear``
 runs), for the route pvae's ``engine="compile"`` gives it (``--gemm-backend``: the products traced by
-``make_fx`` and compiled by ``torch.compile`` as ``SVIStep`` does; or one of ``gemm.py``'s oneDNN routes),
+``make_fx`` and compiled by Inductor as ``SVIStep`` does; or one of ``gemm.py``'s oneDNN routes),
 and for XLA (``jax.jit`` in the NumPyro child).
 
 Quality (``--quality-epochs``, same initial weights and batches): test log-likelihood of the hand-written
@@ -395,10 +395,12 @@ class NumPyroRows:
 
 # ---- GEMM: torch's default route, pvae's, XLA -----------------------------------------------------------
 def compiled_like_pvae(function, *inputs):
-    """``function`` on ``inputs`` recorded into aten operations by ``make_fx`` and compiled by
-    ``torch.compile(fullgraph=True, dynamic=False)``, as ``SVIStep(engine="compile")`` does with a step."""
+    """``function`` on ``inputs`` recorded into aten operations by ``make_fx`` and compiled by Inductor
+    (``torch._inductor.compile``), as ``SVIStep(engine="compile")`` does with a step."""
+    import torch._inductor
+
     graph = make_fx(function)(*inputs)
-    return partial(torch.compile(graph, fullgraph=True, dynamic=False), *inputs)
+    return partial(torch._inductor.compile(graph, list(inputs)), *inputs)
 
 
 def torch_products(kind, backend, rows, width_in, width_out, generator):
@@ -431,7 +433,7 @@ def gemm_section(args, child: NumPyroChild | None, command: str) -> None:
     shapes.append(("matmul", 2048, 2048, 2048))
     blas = "MKL" if torch.backends.mkl.is_available() else "BLAS"
     backend_label = {
-        "compile": 'pvae `engine="compile"` (make_fx → `torch.compile`)',
+        "compile": 'pvae `engine="compile"` (make_fx → Inductor)',
         "onednn": "oneDNN `_linear_pointwise`",
         "onednn-prepacked": "oneDNN, prepacked weight",
     }[args.gemm_backend]
