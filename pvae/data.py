@@ -281,7 +281,7 @@ class BatchLoader:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size].to(self.data.device)
-            batch = self.data[index]
+            batch = self.data.index_select(0, index)  # = data[index], with less per-call work
             if self.binarize == "dynamic":
                 uniform = torch.rand(batch.shape, generator=self.generator, dtype=batch.dtype)
                 batch = (uniform.to(batch.device) < batch).to(batch.dtype)
