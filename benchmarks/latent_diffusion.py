@@ -400,7 +400,7 @@ if __name__ == "__main__":
     parser.add_argument("--z-dim", type=int, default=16, help="the LDM's latent dimension")
     parser.add_argument("--hidden-dim", type=int, default=400, help="the LDM autoencoder's hidden width")
     parser.add_argument("--timesteps", type=int, default=100, help="T of the LDM's prior chain")
-    parser.add_argument("--prior-hidden-dim", type=int, default=256, help="width of the prior's denoiser")
+    parser.add_argument("--prior-hidden-dim", type=int, default=512, help="width of the prior's denoiser")
     parser.add_argument(
         "--time-sampling", choices=TIME_SAMPLING, default="per_datum", help="the prior chain's time sampler"
     )

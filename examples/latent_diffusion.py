@@ -113,7 +113,7 @@ if __name__ == "__main__":
     parser.add_argument("--z-dim", default=16, type=int)
     parser.add_argument("--hidden-dim", default=400, type=int, help="the autoencoder's hidden width")
     parser.add_argument("--timesteps", default=100, type=int, help="T of the prior chain")
-    parser.add_argument("--prior-hidden-dim", default=256, type=int, help="width of the prior's denoiser")
+    parser.add_argument("--prior-hidden-dim", default=512, type=int, help="width of the prior's denoiser")
     parser.add_argument("--autoencoder-epochs", default=20, type=int, help="stage 1")
     parser.add_argument("-n", "--epochs", default=40, type=int, help="stage 2, the prior")
     parser.add_argument("--batch-size", default=128, type=int)

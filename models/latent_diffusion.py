@@ -89,7 +89,7 @@ class LatentDiffusionConfig:
     timesteps: int = 100
     schedule: str = "linear"
     reverse_variance: str = "beta"
-    prior_hidden_dim: int = 256
+    prior_hidden_dim: int = 512
     prior_blocks: int = 3
     prior_ema_decay: float = 0.0
     time_sampling: str = "per_datum"
@@ -126,7 +126,7 @@ class LatentDiffusion(Family):
         timesteps: int = 100,
         schedule: str = "linear",
         reverse_variance: str = "beta",
-        prior_hidden_dim: int = 256,
+        prior_hidden_dim: int = 512,
         prior_blocks: int = 3,
         prior_ema_decay: float = 0.0,
         time_sampling: str = "per_datum",
