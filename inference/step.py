@@ -140,6 +140,26 @@ def _inductor_patches(compile_options: dict) -> dict:
     return patches | options
 
 
+def _fake_inputs(inputs) -> list:
+    """``inputs`` as fake tensors (shapes, strides, dtypes, devices: no data) of a fake mode with a shape
+    environment, as Dynamo hands graphs to Inductor. Inductor's on-disk caches of compiled graphs skip
+    graphs compiled without one ("no shape env"), which would compile every run afresh. The real inputs
+    where this torch lacks the (private) classes: compiling works the same, only uncached."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    except ImportError:
+        return list(inputs)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(value):  # the graph's inputs are tensors in (nested) lists
+        if isinstance(value, torch.Tensor):
+            return mode.from_tensor(value, static_shapes=True)
+        return [fake(item) for item in value] if isinstance(value, list | tuple) else value
+
+    return fake(list(inputs))
+
+
 class _Compiled:
     """A recorded graph compiled by Inductor on its first call, on that call's inputs (a copy of the graph:
     Inductor rewrites the one it is given, and the original stays the fallback)."""
@@ -152,7 +172,7 @@ class _Compiled:
             import torch._inductor
 
             graph = torch.fx.GraphModule(self.graph, copy.deepcopy(self.graph.graph))
-            self.function = torch._inductor.compile(graph, list(inputs), options=self.patches)
+            self.function = torch._inductor.compile(graph, _fake_inputs(inputs), options=self.patches)
         return self.function(*inputs)
 
 

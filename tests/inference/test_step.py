@@ -220,6 +220,25 @@ def test_recorded_validation_checks_are_reductions_inductor_compiles():
     assert step.counts["guard_failures"] == 1
 
 
+def test_compiled_steps_use_inductors_cache_of_compiled_graphs():
+    """A graph handed to Inductor without a shape environment is never cached ("no shape env"): every fit
+    would compile afresh (tens of seconds). The second compile of the same step finds the first's."""
+    from torch._dynamo.utils import counters
+
+    batches = _batches(2)
+    before = dict(counters["inductor"])
+    for _ in range(2):
+        _, compiled, _ = _run(FAMILIES["vae"], Trace_ELBO, "compile", batches)
+        assert compiled.counts["graph"] == 1 and compiled.compile_failure is None
+    after = counters["inductor"]
+
+    def added(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert added("fxgraph_cache_bypass") == 0
+    assert added("fxgraph_cache_hit") >= 1
+
+
 def test_compile_options_are_checked_when_the_step_is_made():
     family = FAMILIES["vae"]()
     for options, message in [
