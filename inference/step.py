@@ -524,11 +524,18 @@ class SVIStep:
     # ---- tracing -----------------------------------------------------------------------------------------
     def _adam_in_graph(self) -> bool:
         """Whether the compiled graph can carry the Adam update too (plain Adam, state initialized)."""
-        if self.engine != "compile" or len(self.optimizer.param_groups) != 1:
+        if self.engine != "compile":
             return False
         if self.optimizer.param_groups[0].get("fused"):  # torch's fused kernel is the faster update
             return False
         if self.world_size > 1:  # the gradients are averaged over ranks between the graph and the update
+            return False
+        return self._plain_adam_ready()
+
+    def _plain_adam_ready(self) -> bool:
+        """One parameter group of plain Adam (no amsgrad, maximize, weight decay or differentiable), every
+        parameter's state made (by the first, eager step): what both faster updates reproduce."""
+        if len(self.optimizer.param_groups) != 1:
             return False
         group = self.optimizer.param_groups[0]
         plain = not (
@@ -539,13 +546,9 @@ class SVIStep:
     def _functional_adam_applies(self) -> bool:
         """Whether :meth:`_functional_adam` does what ``optimizer.step()`` would: one process, one plain
         parameter group on torch's fused kernel, every parameter's state made (by the first, eager step)."""
-        if self.world_size > 1 or len(self.optimizer.param_groups) != 1:
+        if self.world_size > 1 or not self.optimizer.param_groups[0].get("fused"):
             return False
-        group = self.optimizer.param_groups[0]
-        plain = group.get("fused") and not (
-            group["amsgrad"] or group["maximize"] or group["weight_decay"] or group["differentiable"]
-        )
-        return bool(plain) and all("exp_avg" in self.optimizer.state[p] for p in self.params)
+        return self._plain_adam_ready()
 
     def _functional_adam(self, grads: list[torch.Tensor]) -> None:
         """The update of ``optimizer.step()`` through torch's functional ``torch.optim.adam.adam``, on the
