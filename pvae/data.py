@@ -224,8 +224,9 @@ class BatchLoader:
     :param labels: optional (N,) tensor served alongside.
     :param batch_size: batch size, ≥ 1.
     :param shuffle: reshuffle every epoch.
-    :param binarize: ``"dynamic"`` (fresh Bernoulli draws per batch), ``"static"`` (one fixed draw made
-        here) or ``None``.
+    :param binarize: ``"dynamic"`` (fresh Bernoulli draws every epoch; the loader then also keeps a 0/1
+        copy of the data and the positions of its grey pixels), ``"static"`` (one fixed draw made here) or
+        ``None``.
     :param seed: seeds the generator (shuffling, binarization).
     :param drop_last: drop a final incomplete batch.
     """
@@ -261,6 +262,14 @@ class BatchLoader:
             data = torch.bernoulli(data.cpu(), generator=self.generator).to(data.device, data.dtype)
             binarize = None
         self.data, self.labels = data, labels
+        if binarize == "dynamic":
+            # A pixel at 0 or 1 binarizes to itself; only the grey ones need a uniform draw. Each epoch draws
+            # those in one call (see __iter__): on MNIST about a fifth of the pixels, and one call instead of
+            # one per batch, which spares most of the serial CPU generator's time.
+            flat = data.reshape(-1)
+            self._grey_index = ((flat > 0) & (flat < 1)).nonzero().squeeze(1)
+            self._grey_levels = flat.index_select(0, self._grey_index)
+            self._certain = (flat == 1).to(data.dtype)
         self.batch_size, self.shuffle, self.binarize, self.drop_last = (
             int(batch_size),
             shuffle,
@@ -279,10 +288,15 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         n = self.data.shape[0]
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        data = self.data if self.binarize != "dynamic" else self._binarized()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size].to(self.data.device)
-            batch = self.data.index_select(0, index)  # = data[index], with less per-call work
-            if self.binarize == "dynamic":
-                uniform = torch.rand(batch.shape, generator=self.generator, dtype=batch.dtype)
-                batch = (uniform.to(batch.device) < batch).to(batch.dtype)
+            batch = data.index_select(0, index)  # = data[index], with less per-call work
             yield batch, None if self.labels is None else self.labels[index]
+
+    def _binarized(self) -> torch.Tensor:
+        """One fresh Bernoulli(grey level) draw of every datum: a pixel is 1 when a uniform draw falls
+        below its grey level (a new copy each epoch, so two iterations at once never share draws)."""
+        uniform = torch.rand(self._grey_levels.shape, generator=self.generator, dtype=self.data.dtype)
+        bits = (uniform.to(self.data.device) < self._grey_levels).to(self.data.dtype)
+        return self._certain.index_copy(0, self._grey_index, bits).view(self.data.shape)

@@ -101,6 +101,23 @@ def test_dynamic_binarization_changes_between_epochs(splits):
     assert changed == pytest.approx(expected, rel=0.05)
 
 
+def test_dynamic_binarization_draws_only_grey_pixels_and_keeps_black_and_white():
+    """Pixels at 0 and 1 are their own binarization; the grey ones are Bernoulli draws at their level,
+    fresh every epoch."""
+    data = torch.tensor([0.0, 1.0, 0.25, 0.5, 0.9]).repeat(400, 1)
+    loader = BatchLoader(data, batch_size=64, shuffle=False, binarize="dynamic", seed=2)
+    epochs = torch.stack([torch.cat([batch for batch, _ in loader]) for _ in range(20)])  # (20, 400, 5)
+    assert (epochs[..., 0] == 0).all() and (epochs[..., 1] == 1).all()
+    grey = epochs[..., 2:].reshape(-1, 3)
+    for column, level in zip(grey.T, (0.25, 0.5, 0.9)):
+        z = (column.sum() - level * column.numel()) / math.sqrt(column.numel() * level * (1 - level))
+        assert abs(z.item()) < 4.5
+    # the same datum's draws in two epochs agree no more often than independent draws would
+    same = (epochs[0, :, 3] == epochs[1, :, 3]).float().mean().item()
+    assert abs(same - 0.5) < 4.5 * math.sqrt(0.25 / 400)
+    assert not torch.equal(epochs[0], epochs[1])
+
+
 def test_static_binarization_is_fixed(splits):
     grey = splits[1].flat()
     loader = BatchLoader(grey, torch.arange(1000), batch_size=100, shuffle=True, binarize="static", seed=0)
