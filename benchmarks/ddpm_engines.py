@@ -8,8 +8,8 @@ gets its own copy of the same initial weights; blocks of steps are interleaved, 
 round, and the table gives the median time per step and its ratio to the eager engine's.
 
 Before timing, the same random draws are checked to give the same losses: the trace engine against the
-eager one bit for bit (the same kernels), the compile engine with Inductor's random numbers drawn as eager
-torch draws them (``torch._inductor.config.fallback_random``) to float32 rounding.
+eager one bit for bit (the same kernels), the compile engine (which draws random numbers with torch's own
+samplers, as the eager step does) to float32 rounding.
 
 Run: ``python benchmarks/ddpm_engines.py [--objective meanfield] [--time-sampling per_datum]
 [--repeats 9] [--block 50] [--threads 1]``; ``--images`` times the digits' U-Net (1×28×28, T = 1000,
@@ -53,12 +53,9 @@ def losses(args, engine: str, batches: list[torch.Tensor]) -> torch.Tensor:
 
 
 def check_same_draws(args, batches: list[torch.Tensor]) -> list[str]:
-    import torch._inductor.config as inductor_config
-
     eager = losses(args, "eager", batches)
     traced = losses(args, "trace", batches)
-    with inductor_config.patch(fallback_random=True):
-        compiled = losses(args, "compile", batches)
+    compiled = losses(args, "compile", batches)
     lines = [
         f"trace vs eager, {len(batches)} steps: identical losses: {bool(torch.equal(traced, eager))} "
         f"(largest difference {float((traced - eager).abs().max()):.3g})",

@@ -21,15 +21,17 @@ param-store re-tracing cost more than the network itself on small batches. Three
     which ``torch.compile`` would put in front, has nothing to trace and its per-call frame handling and
     guard checks would only add cost): the element-wise work of Pyro's
     log-densities, validation checks and the backward pass becomes a few fused kernels around the matrix
-    products. Compiling takes tens of seconds once per run (Inductor caches it on disk), and Inductor
-    draws its own random numbers (seeded from torch's generator), so it matches the eager step in
-    distribution, not bit for bit. The Adam update runs after the graph in torch's fused Adam kernel where
-    the device has one (CPU, CUDA: it beats Inductor's code for the update, see
-    ``benchmarks/vae_vs_torch.py``); elsewhere, or with ``adam_kwargs={"fused": False}``, plain Adam is
-    recorded into the graph (applied only when the step's guards hold and its loss is finite), its
-    learning rate an input of the graph, not a constant in it, so :meth:`SVIStep.set_lr` (a schedule)
-    works with every engine. (Adam with ``amsgrad``, ``maximize`` or ``weight_decay`` always keeps the
-    separate optimizer step.)
+    products. Compiling takes tens of seconds once per run (Inductor caches it on disk). Random numbers
+    are drawn by torch's own samplers, as the eager step draws them (Inductor's ``fallback_random``; its
+    own generator, a per-element Philox counter, is no faster on CPU and draws other numbers), so from
+    the same seed the compiled step matches the eager one to float32 rounding; pass
+    ``compile_options={"options": {"fallback_random": False}}`` for Inductor's generator. The Adam update
+    runs after the graph in torch's fused Adam kernel where the device has one (CPU, CUDA: it beats
+    Inductor's code for the update, see ``benchmarks/vae_vs_torch.py``); elsewhere, or with
+    ``adam_kwargs={"fused": False}``, plain Adam is recorded into the graph (applied only when the step's
+    guards hold and its loss is finite), its learning rate an input of the graph, not a constant in it, so
+    :meth:`SVIStep.set_lr` (a schedule) works with every engine. (Adam with ``amsgrad``, ``maximize`` or
+    ``weight_decay`` always keeps the separate optimizer step.)
 
 What recording assumes (as ``JitTrace_ELBO`` does): the program's structure is static — the same sample
 sites, shapes and Python-level constants on every step — and all parameters exist after the first step.
@@ -115,10 +117,15 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
 COMPILE_OPTIONS = ("mode", "options", "fullgraph", "dynamic")
 
 
+#: Inductor settings the compile engine starts from (``compile_options["options"]`` overrides them):
+#: random numbers drawn by torch's samplers, as in the eager step (see the module docstring).
+INDUCTOR_DEFAULTS = {"fallback_random": True}
+
+
 def _inductor_patches(compile_options: dict) -> dict:
     """The Inductor configuration that ``torch.compile(**compile_options)`` would give a whole static
-    graph: the ``mode``'s settings, then ``options``. ``fullgraph`` is moot (the graph is whole) and
-    ``dynamic`` may not be true (a recorded step has fixed shapes)."""
+    graph, over :data:`INDUCTOR_DEFAULTS`: the ``mode``'s settings, then ``options``. ``fullgraph`` is moot
+    (the graph is whole) and ``dynamic`` may not be true (a recorded step has fixed shapes)."""
     unknown = sorted(set(compile_options) - set(COMPILE_OPTIONS))
     if unknown:
         raise ValueError(f"compile_options takes {COMPILE_OPTIONS}, got {unknown}")
@@ -137,7 +144,7 @@ def _inductor_patches(compile_options: dict) -> dict:
     unknown = sorted(set(options) - set(torch._inductor.list_options()))
     if unknown:
         raise ValueError(f"compile_options: {unknown} are not settings of torch._inductor.config")
-    return patches | options
+    return INDUCTOR_DEFAULTS | patches | options
 
 
 def _fake_inputs(inputs) -> list:

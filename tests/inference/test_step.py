@@ -23,7 +23,7 @@ def _batches(count, batch=16, dim=20, seed=0, binary=True):
     return torch.bernoulli(grey, generator=generator) if binary else grey
 
 
-def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None, adam_kwargs=None):
+def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None, adam_kwargs=None, compile_options=None):
     pyro.set_rng_seed(seed)
     family = make_family()
     step = SVIStep(
@@ -34,6 +34,7 @@ def _run(make_family, make_elbo, engine, batches, seed=0, lrs=None, adam_kwargs=
         engine=engine,
         module=family,
         adam_kwargs=adam_kwargs,
+        compile_options=compile_options,
     )
     losses = []
     for index, x in enumerate(batches):
@@ -181,17 +182,16 @@ def test_a_learning_rate_schedule_replays_bit_for_bit_in_the_traced_step():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-adam-after-the-graph", "adam-in-the-graph"])
-def test_compiled_step_trains_and_matches_eager_with_eager_random_numbers(fused):
-    """With a learning rate changing every step: torch's fused Adam after the graph reads it from the
-    optimizer; the Adam update recorded into the graph (no fused kernel) reads it as an input."""
-    import torch._inductor.config as inductor_config
-
+def test_compiled_step_trains_and_matches_eager_from_the_same_seed(fused):
+    """The compiled step draws its random numbers with torch's samplers, as the eager step does, so from
+    the same seed it follows the eager run to float32 rounding. With a learning rate changing every step:
+    torch's fused Adam after the graph reads it from the optimizer; the Adam update recorded into the
+    graph (no fused kernel) reads it as an input."""
     batches = _batches(4)
     eager_family, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches, lrs=DECAY)
-    with inductor_config.patch(fallback_random=True):  # draw random numbers as eager torch does
-        compiled_family, compiled, compiled_losses = _run(
-            FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY, adam_kwargs={"fused": fused}
-        )
+    compiled_family, compiled, compiled_losses = _run(
+        FAMILIES["vae"], Trace_ELBO, "compile", batches, lrs=DECAY, adam_kwargs={"fused": fused}
+    )
     assert compiled.counts["graph"] == 3 and compiled.disabled_reason is None
     assert compiled.compile_failure is None  # compiled, not the traced graph replayed as a fallback
     assert compiled._update_in_graph is not fused
@@ -237,6 +237,19 @@ def test_compiled_steps_use_inductors_cache_of_compiled_graphs():
 
     assert added("fxgraph_cache_bypass") == 0
     assert added("fxgraph_cache_hit") >= 1
+
+
+def test_inductors_own_random_numbers_when_asked():
+    """``fallback_random=False`` reaches Inductor: its own generator draws other numbers than eager torch's
+    from the same seed (the replayed steps' losses differ), and the step still trains on them."""
+    batches = _batches(4)
+    _, _, eager_losses = _run(FAMILIES["vae"], Trace_ELBO, "eager", batches)
+    options = {"options": {"fallback_random": False}}
+    _, compiled, losses = _run(FAMILIES["vae"], Trace_ELBO, "compile", batches, compile_options=options)
+    assert compiled.counts["graph"] == 3 and compiled.compile_failure is None
+    assert torch.isfinite(losses).all()
+    assert losses[0] == eager_losses[0]  # the first step runs eagerly (it records the graph)
+    assert not torch.allclose(losses[1:], eager_losses[1:], rtol=1e-3)
 
 
 def test_compile_options_are_checked_when_the_step_is_made():
