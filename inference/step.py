@@ -25,7 +25,9 @@ param-store re-tracing cost more than the network itself on small batches. Three
     are drawn by torch's own samplers, as the eager step draws them (Inductor's ``fallback_random``; its
     own generator, a per-element Philox counter, is no faster on CPU and draws other numbers), so from
     the same seed the compiled step matches the eager one to float32 rounding; pass
-    ``compile_options={"options": {"fallback_random": False}}`` for Inductor's generator. The Adam update
+    ``compile_options={"options": {"fallback_random": False}}`` for Inductor's generator. ``log1p`` on CPU
+    is computed from ``log`` (:mod:`pvae.inference.compile_passes`: torch's is several times slower,
+    and binary cross-entropy uses it for every pixel). The Adam update
     runs after the graph in torch's fused Adam kernel where the device has one (CPU, CUDA: it beats
     Inductor's code for the update, see ``benchmarks/vae_vs_torch.py``); elsewhere, or with
     ``adam_kwargs={"fused": False}``, plain Adam is recorded into the graph (applied only when the step's
@@ -70,7 +72,7 @@ from torch import nn
 from torch.optim.adam import adam as functional_adam
 
 from pvae.checkpoint import CheckpointError
-from pvae.inference import distributed, recorder
+from pvae.inference import compile_passes, distributed, recorder
 
 __all__ = ["ENGINES", "SVIStep"]
 
@@ -124,7 +126,8 @@ INDUCTOR_DEFAULTS = {"fallback_random": True}
 
 def _inductor_patches(compile_options: dict) -> dict:
     """The Inductor configuration that ``torch.compile(**compile_options)`` would give a whole static
-    graph, over :data:`INDUCTOR_DEFAULTS`: the ``mode``'s settings, then ``options``. ``fullgraph`` is moot
+    graph, over :data:`INDUCTOR_DEFAULTS`: the ``mode``'s settings, then ``options``, and the passes of
+    :mod:`pvae.inference.compile_passes`. ``fullgraph`` is moot
     (the graph is whole) and ``dynamic`` may not be true (a recorded step has fixed shapes)."""
     unknown = sorted(set(compile_options) - set(COMPILE_OPTIONS))
     if unknown:
@@ -144,7 +147,7 @@ def _inductor_patches(compile_options: dict) -> dict:
     unknown = sorted(set(options) - set(torch._inductor.list_options()))
     if unknown:
         raise ValueError(f"compile_options: {unknown} are not settings of torch._inductor.config")
-    return INDUCTOR_DEFAULTS | patches | options
+    return compile_passes.with_passes(INDUCTOR_DEFAULTS | patches | options)
 
 
 def _fake_inputs(inputs) -> list:
