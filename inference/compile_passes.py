@@ -8,6 +8,15 @@ for it) costs several times a ``log`` per element, and a Bernoulli likelihood's 
 cross-entropy with logits, log1p(exp(−|l|)) per pixel — is the largest element-wise kernel of a VAE step
 (``benchmarks/vae_vs_torch.py``). The formula is within a few ulp of log1p (tested), as exact as the
 kernels it replaces for a loss summed in float32.
+
+:class:`OneDnnGemms`: the large fp32 matrix products (``aten.mm``, ``aten.addmm`` with a bias row) through
+oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``) instead of torch's default BLAS (MKL's
+``sgemm``), where :func:`onednn_wins` says it is faster. Both are exact fp32 products (no reduced
+precision); they differ in rounding only. The rule is measured (``benchmarks/gemm.py``): on CPUs with
+AVX-512 oneDNN ran the VAE's 784↔400 layers forward and backward faster than MKL and its small layers
+(a side under 128) slower; on an AVX2-only CPU MKL won on every shape. Inductor lowers oneDNN's op only
+with constant (frozen) weights, so the pass calls it through a small operator of its own,
+``pvae::onednn_linear``, which Inductor runs as an external kernel.
 """
 
 from __future__ import annotations
@@ -86,11 +95,110 @@ else:
     Log1pViaLog = None
 
 
-def with_passes(patches: dict) -> dict:
-    """Inductor settings ``patches`` with :class:`Log1pViaLog` first among the post-grad passes (before any
-    the caller set there); unchanged where this torch has no custom-pass hook."""
+#: the smallest inner and outer size of a product :class:`OneDnnGemms` hands to oneDNN
+ONEDNN_MIN_SIZE = 128
+
+_LINEAR = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+)
+_LIBRARY = None
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear kernel (and so :class:`OneDnnGemms` can run)."""
+    return _LINEAR is not None and CustomGraphPass is not None
+
+
+def onednn_wins(rows: int, inner: int, outer: int) -> bool:
+    """The rule :class:`OneDnnGemms` follows: oneDNN for a (rows × inner)·(inner × outer) fp32 product
+    when the CPU runs torch's AVX-512 kernels and both ``inner`` and ``outer`` are at least
+    :data:`ONEDNN_MIN_SIZE` (see the module docstring for the measurements behind it)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability.startswith("AVX512") and min(inner, outer) >= ONEDNN_MIN_SIZE and rows >= 1
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _LINEAR.default(x, weight, bias, "none", [], "")
+
+
+def _define_operator() -> None:
+    """``pvae::onednn_linear(x, weight, bias)`` = x·weightᵀ + bias through oneDNN, defined once per process
+    (a plain CPU kernel: ``torch.library.custom_op``'s wrapper cost more per call than it saved)."""
+    global _LIBRARY
+    if _LIBRARY is not None or hasattr(torch.ops.pvae, "onednn_linear"):
+        return
+    library = torch.library.Library("pvae", "FRAGMENT")
+    library.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    library.impl("onednn_linear", lambda x, weight, bias: _onednn_linear(x, weight, bias), "CPU")
+    torch.library.register_fake("pvae::onednn_linear", lib=library)(
+        lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
+    )
+    _LIBRARY = library
+
+
+if CustomGraphPass is not None:
+
+    class OneDnnGemms(CustomGraphPass):
+        """Inductor post-grad pass: each fp32 CPU ``aten.mm(a, b)`` and ``aten.addmm(bias, a, b)`` (a bias
+        row, no scaling) that :func:`onednn_wins` picks becomes ``pvae::onednn_linear(a, bᵀ, bias)``."""
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _define_operator()
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.kwargs:
+                    continue
+                if node.target is aten.mm.default:
+                    (a, b), bias = node.args, None
+                elif node.target is aten.addmm.default:
+                    bias, a, b = node.args
+                else:
+                    continue
+                values = [
+                    arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg for arg in (a, b, bias)
+                ]
+                if not all(isinstance(value, torch.Tensor) for value in values[:2]):
+                    continue
+                if not all(
+                    value.device.type == "cpu" and value.dtype == torch.float32
+                    for value in values
+                    if value is not None
+                ):
+                    continue
+                if values[2] is not None and values[2].dim() != 1:
+                    continue
+                (rows, inner), outer = values[0].shape, values[1].shape[1]
+                if not onednn_wins(rows, inner, outer):
+                    continue
+                with graph.inserting_before(node):
+                    weight = graph.call_function(aten.permute.default, (b, [1, 0]))
+                    weight.meta["val"] = values[1].permute(1, 0)
+                    product = graph.call_function(torch.ops.pvae.onednn_linear.default, (a, weight, bias))
+                    product.meta["val"] = node.meta["val"]
+                node.replace_all_uses_with(product)
+                graph.erase_node(node)
+
+        def uuid(self) -> str:
+            """This module's code and the CPU's kernels (which the rule reads) key Inductor's caches."""
+            code = inspect.getsource(sys.modules[__name__]) + torch.backends.cpu.get_cpu_capability()
+            return hashlib.sha256(code.encode()).hexdigest()
+
+else:
+    OneDnnGemms = None
+
+#: the values of ``compile_options["gemm"]``: ``"auto"`` (:class:`OneDnnGemms` where its rule picks
+#: oneDNN) or ``"default"`` (torch's default BLAS for every product)
+GEMM_CHOICES = ("auto", "default")
+
+
+def with_passes(patches: dict, gemm: str = "auto") -> dict:
+    """Inductor settings ``patches`` with :class:`Log1pViaLog` (and, for ``gemm="auto"`` where oneDNN is
+    available, :class:`OneDnnGemms`) first among the post-grad passes, before any the caller set there;
+    unchanged where this torch has no custom-pass hook."""
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"compile_options: gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
     if Log1pViaLog is None:
         return patches
+    ours = [Log1pViaLog()] + ([OneDnnGemms()] if gemm == "auto" and onednn_available() else [])
     theirs = patches.get("post_grad_custom_pre_pass")
     theirs = [] if theirs is None else list(theirs) if isinstance(theirs, list | tuple) else [theirs]
-    return patches | {"post_grad_custom_pre_pass": [Log1pViaLog(), *theirs]}
+    return patches | {"post_grad_custom_pre_pass": [*ours, *theirs]}

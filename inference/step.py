@@ -116,7 +116,7 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     )
 
 
-COMPILE_OPTIONS = ("mode", "options", "fullgraph", "dynamic")
+COMPILE_OPTIONS = ("mode", "options", "fullgraph", "dynamic", "gemm")
 
 
 #: Inductor settings the compile engine starts from (``compile_options["options"]`` overrides them):
@@ -127,8 +127,8 @@ INDUCTOR_DEFAULTS = {"fallback_random": True}
 def _inductor_patches(compile_options: dict) -> dict:
     """The Inductor configuration that ``torch.compile(**compile_options)`` would give a whole static
     graph, over :data:`INDUCTOR_DEFAULTS`: the ``mode``'s settings, then ``options``, and the passes of
-    :mod:`pvae.inference.compile_passes`. ``fullgraph`` is moot
-    (the graph is whole) and ``dynamic`` may not be true (a recorded step has fixed shapes)."""
+    :mod:`pvae.inference.compile_passes` (``gemm`` chooses among the matrix-product routes). ``fullgraph``
+    is moot (the graph is whole) and ``dynamic`` may not be true (a recorded step has fixed shapes)."""
     unknown = sorted(set(compile_options) - set(COMPILE_OPTIONS))
     if unknown:
         raise ValueError(f"compile_options takes {COMPILE_OPTIONS}, got {unknown}")
@@ -147,7 +147,9 @@ def _inductor_patches(compile_options: dict) -> dict:
     unknown = sorted(set(options) - set(torch._inductor.list_options()))
     if unknown:
         raise ValueError(f"compile_options: {unknown} are not settings of torch._inductor.config")
-    return compile_passes.with_passes(INDUCTOR_DEFAULTS | patches | options)
+    return compile_passes.with_passes(
+        INDUCTOR_DEFAULTS | patches | options, compile_options.get("gemm", "auto")
+    )
 
 
 def _fake_inputs(inputs) -> list:
@@ -207,8 +209,10 @@ class SVIStep:
         ``fused``).
     :param compile_options: with ``engine="compile"``, what ``torch.compile`` would take for Inductor
         (:data:`COMPILE_OPTIONS`): a ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` (Inductor then times its
-        own GEMM kernels against ATen's) or ``"reduce-overhead"`` (CUDA graphs on a GPU), and ``options``, a
-        dict of ``torch._inductor.config`` settings.
+        own GEMM kernels against ATen's) or ``"reduce-overhead"`` (CUDA graphs on a GPU), ``options``, a
+        dict of ``torch._inductor.config`` settings, and pvae's ``gemm``: ``"auto"`` (the default: large
+        fp32 products on CPU through oneDNN where :func:`pvae.inference.compile_passes.onednn_wins` picks
+        it) or ``"default"`` (torch's default BLAS for every product).
     """
 
     def __init__(

@@ -2,6 +2,7 @@
 validation through guards, and the compiled step agrees with it."""
 
 import copy
+import functools
 import warnings
 
 import pyro
@@ -11,6 +12,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pvae.family import Family
+from pvae.inference import compile_passes
 from pvae.inference.objectives import IWAE_ELBO
 from pvae.inference.step import SVIStep
 from pvae.models.ae import DAE
@@ -310,8 +312,70 @@ def test_the_log1p_pass_rewrites_cpu_float_log1p_and_keeps_the_callers_passes():
     passes = _inductor_patches({"options": {"post_grad_custom_pre_pass": theirs}})[
         "post_grad_custom_pre_pass"
     ]
-    assert len(passes) == 2 and isinstance(passes[0], Log1pViaLog) and passes[1] is theirs
+    assert isinstance(passes[0], Log1pViaLog) and passes[-1] is theirs
     assert passes[0].uuid() == theirs.uuid()  # keyed on the pass's code, not the object
+
+
+@pytest.mark.skipif(not compile_passes.onednn_available(), reason="this torch has no oneDNN linear kernel")
+def test_onednn_gemms_give_the_default_products_to_fp32_rounding(monkeypatch):
+    """The pass on a linear layer's forward and backward products (traced with fake values, as Inductor's
+    post-grad passes see them): the large ones become pvae::onednn_linear and the graph's outputs —
+    activations and all three gradients — equal the default path's to fp32 rounding; the small product
+    stays. The rule is forced on, so the test runs on CPUs where it would pick MKL."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(compile_passes, "onednn_wins", lambda rows, inner, outer: min(inner, outer) >= 128)
+
+    def layer(x, weight, bias, grad, small):
+        y = torch.ops.aten.addmm(bias, x, weight.t())
+        grad_x, grad_weight = torch.ops.aten.mm(grad, weight), torch.ops.aten.mm(grad.t(), x)
+        return y, grad_x, grad_weight, grad.sum(0), torch.ops.aten.mm(small, weight[:, :64].t())
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(*shape, generator=generator)
+        for shape in [(128, 784), (400, 784), (400,), (128, 400), (64, 64)]
+    ]
+    graph = make_fx(layer, tracing_mode="fake")(*inputs)
+    compile_passes.OneDnnGemms()(graph.graph)
+    graph.recompile()
+    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.pvae.onednn_linear.default) == 3
+    assert targets.count(torch.ops.aten.mm.default) == 1  # the 64 × 64 · 64 × 400 product is left to MKL
+    for rewritten, default in zip(graph(*inputs), layer(*inputs)):
+        torch.testing.assert_close(rewritten, default, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_vae_step_with_onednn_gemms_matches_eager(monkeypatch):
+    """End to end, the rule forced on (a fresh compile, not a cached one): a VAE whose layers are large
+    enough for oneDNN follows the eager step from the same seed to float32 rounding; ``gemm="default"``
+    leaves the pass out."""
+    from pvae.inference.step import _inductor_patches
+
+    if not compile_passes.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel")
+    monkeypatch.setattr(compile_passes, "onednn_wins", lambda rows, inner, outer: min(inner, outer) >= 128)
+    calls = []
+    linear = compile_passes._onednn_linear
+    monkeypatch.setattr(compile_passes, "_onednn_linear", lambda *args: calls.append(1) or linear(*args))
+    make = functools.partial(VAE, x_dim=256, z_dim=3, hidden_dim=128)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.bernoulli(torch.full((16, 256), 0.3), generator=generator) for _ in range(4)]
+    eager_family, _, eager_losses = _run(make, Trace_ELBO, "eager", batches)
+    options = {"options": {"fx_graph_cache": False}}  # compiled afresh under the forced rule
+    family, compiled, losses = _run(make, Trace_ELBO, "compile", batches, compile_options=options)
+    assert compiled.compile_failure is None and compiled.counts["graph"] == 3
+    assert len(calls) >= 3 * 3  # the compiled step ran oneDNN's products on every replay
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-3)
+    for a, b in zip(eager_family.parameters(), family.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    passes = _inductor_patches({"gemm": "default"})["post_grad_custom_pre_pass"]
+    assert not any(isinstance(p, compile_passes.OneDnnGemms) for p in passes)
+    assert any(
+        isinstance(p, compile_passes.OneDnnGemms) for p in _inductor_patches({})["post_grad_custom_pre_pass"]
+    )
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        _inductor_patches({"gemm": "mkl"})
 
 
 def test_compile_options_are_checked_when_the_step_is_made():
