@@ -38,7 +38,8 @@ GEMM (``--gemm-rounds``, by default with ``--numpyro``): GFLOP/s of fp32 product
 interleaved in rounds — a linear layer's forward and backward (batch × 784 × 400, as
 ``benchmarks/gemm.py`` times it) and a 2048³ product — for torch's default route (what ``nn.Linear``
 runs), for the route pvae's ``engine="compile"`` gives it (``--gemm-backend``: the products traced by
-``make_fx`` and compiled by Inductor as ``SVIStep`` does; or one of ``gemm.py``'s oneDNN routes),
+``make_fx`` and compiled by Inductor as ``SVIStep`` does, with its passes: oneDNN for the products its
+rule picks, MKL for the rest; or one of ``gemm.py``'s oneDNN routes),
 and for XLA (``jax.jit`` in the NumPyro child).
 
 Quality (``--quality-epochs``, same initial weights and batches): test log-likelihood of the hand-written
@@ -396,11 +397,14 @@ class NumPyroRows:
 # ---- GEMM: torch's default route, pvae's, XLA -----------------------------------------------------------
 def compiled_like_pvae(function, *inputs):
     """``function`` on ``inputs`` recorded into aten operations by ``make_fx`` and compiled by Inductor
-    (``torch._inductor.compile``), as ``SVIStep(engine="compile")`` does with a step."""
+    (``torch._inductor.compile``) with the settings and passes ``SVIStep(engine="compile")`` gives a step
+    (its GEMM route included: oneDNN where ``pvae.inference.compile_passes.onednn_wins`` picks it)."""
     import torch._inductor
 
+    from pvae.inference.step import _inductor_patches  # the compile engine's Inductor settings
+
     graph = make_fx(function)(*inputs)
-    return partial(torch._inductor.compile(graph, list(inputs)), *inputs)
+    return partial(torch._inductor.compile(graph, list(inputs), options=_inductor_patches({})), *inputs)
 
 
 def torch_products(kind, backend, rows, width_in, width_out, generator):
@@ -433,7 +437,7 @@ def gemm_section(args, child: NumPyroChild | None, command: str) -> None:
     shapes.append(("matmul", 2048, 2048, 2048))
     blas = "MKL" if torch.backends.mkl.is_available() else "BLAS"
     backend_label = {
-        "compile": 'pvae `engine="compile"` (make_fx → Inductor)',
+        "compile": 'pvae `engine="compile"` (make_fx → Inductor, its GEMM route)',
         "onednn": "oneDNN `_linear_pointwise`",
         "onednn-prepacked": "oneDNN, prepacked weight",
     }[args.gemm_backend]
