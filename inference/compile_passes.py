@@ -43,11 +43,11 @@ def _log1p_steps(x, call: Callable):
     return call(aten.where.self, use_x, x, call(aten.mul.Tensor, call(aten.log.default, u), ratio))
 
 
+_DTYPES = (torch.float32, torch.float64)
+
+
 def _rewrites(value) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype in _DTYPES
-
-
-_DTYPES = (torch.float32, torch.float64)
 
 
 def log1p_via_log(x: torch.Tensor) -> torch.Tensor:
@@ -112,9 +112,9 @@ def onednn_available() -> bool:
 def onednn_wins(rows: int, inner: int, outer: int) -> bool:
     """The rule :class:`OneDnnGemms` follows: oneDNN for a (rows × inner)·(inner × outer) fp32 product
     when the CPU runs torch's AVX-512 kernels and both ``inner`` and ``outer`` are at least
-    :data:`ONEDNN_MIN_SIZE` (see the module docstring for the measurements behind it)."""
+    :data:`ONEDNN_MIN_SIZE`, whatever ``rows`` (see the module docstring for the measurements behind it)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return capability.startswith("AVX512") and min(inner, outer) >= ONEDNN_MIN_SIZE and rows >= 1
+    return capability.startswith("AVX512") and min(inner, outer) >= ONEDNN_MIN_SIZE
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
