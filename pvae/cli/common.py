@@ -123,7 +123,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 
 def add_engine_arguments(parser, compile_mode: bool = True) -> None:
     """``--engine`` (the step engine of :class:`pvae.inference.step.SVIStep`) and, with ``compile_mode``,
-    ``--compile-mode``."""
+    ``--compile-mode`` and ``--gemm``."""
     from pvae.inference.step import ENGINES
 
     parser.add_argument(
@@ -142,14 +142,24 @@ def add_engine_arguments(parser, compile_mode: bool = True) -> None:
         help="Inductor's mode with --engine compile, as torch.compile names them: reduce-overhead "
         "replays CUDA graphs on a GPU (default: torch's default mode)",
     )
+    parser.add_argument(
+        "--gemm",
+        choices=("auto", "default"),
+        default=None,
+        help="matrix products with --engine compile: auto (default: large fp32 products through oneDNN "
+        "on CPUs with AVX-512, MKL elsewhere) or default (torch's default BLAS for all)",
+    )
 
 
 def engine_options(args) -> dict:
     """The :func:`pvae.inference.train` keywords of :func:`add_engine_arguments`' flags."""
-    mode = getattr(args, "compile_mode", None)
-    if mode is not None and args.engine != "compile":
-        raise UsageError(f"argument --compile-mode: needs --engine compile, got --engine {args.engine}")
-    return {"engine": args.engine, "compile_options": None if mode is None else {"mode": mode}}
+    chosen = {"mode": getattr(args, "compile_mode", None), "gemm": getattr(args, "gemm", None)}
+    chosen = {key: value for key, value in chosen.items() if value is not None}
+    for key in chosen:
+        if args.engine != "compile":
+            flag = "--compile-mode" if key == "mode" else "--gemm"
+            raise UsageError(f"argument {flag}: needs --engine compile, got --engine {args.engine}")
+    return {"engine": args.engine, "compile_options": chosen or None}
 
 
 def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:

@@ -71,12 +71,34 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
             ["train", "ddpm", "--dataset", "two-moons", "--compile-mode", "reduce-overhead"],
             "argument --compile-mode: needs --engine compile",
         ),
+        (
+            ["train", "ddpm", "--dataset", "two-moons", "--gemm", "default"],
+            "argument --gemm: needs --engine compile",
+        ),
         (["train", "vae", "--dataset", "two-moons"], "argument --dataset: invalid choice: 'two-moons'"),
         (["train", "ddpm", "--dataset", "two-moons", "--ema-decay", "1.5", "--epochs", "1"], "--ema-decay"),
         (["train", "ddpm", "--dataset", "two-moons", "--lr-end", "0"], "--lr-end"),
     ],
-    ids=["iwae", "engine", "vae-moons", "ema", "lr-end"],
+    ids=["iwae", "engine", "gemm-engine", "vae-moons", "ema", "lr-end"],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_engine_flags_become_the_compile_options_of_train():
+    import argparse
+
+    from pvae.cli.common import add_engine_arguments, engine_options
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    parsed = parser.parse_args(["--engine", "compile", "--gemm", "default", "--compile-mode", "max-autotune"])
+    assert engine_options(parsed) == {
+        "engine": "compile",
+        "compile_options": {"mode": "max-autotune", "gemm": "default"},
+    }
+    assert engine_options(parser.parse_args(["--engine", "compile"])) == {
+        "engine": "compile",
+        "compile_options": None,
+    }
