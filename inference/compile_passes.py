@@ -21,6 +21,7 @@ with constant (frozen) weights, so the pass calls it through a small operator of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -50,6 +51,22 @@ def _rewrites(value) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype in _DTYPES
 
 
+def _emit(graph: torch.fx.Graph, op, *args) -> torch.fx.Node:
+    """A node calling ``op(*args)`` at the graph's insertion point, with the fake value Inductor's passes
+    expect (``op`` run on the arguments' fake values)."""
+    fake = [arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg for arg in args]
+    node = graph.call_function(op, args)
+    node.meta["val"] = op(*fake)
+    return node
+
+
+@functools.cache
+def _digest(extra: str = "") -> str:
+    """This module's code (and ``extra``) hashed: the passes' ``uuid``, so a change to them compiles
+    afresh instead of reusing Inductor's cached graphs."""
+    return hashlib.sha256((inspect.getsource(sys.modules[__name__]) + extra).encode()).hexdigest()
+
+
 def log1p_via_log(x: torch.Tensor) -> torch.Tensor:
     """``log1p(x)`` from ``log`` (see :func:`_log1p_steps`): within a few ulp of ``torch.log1p`` for every
     float32/float64 x, with its values at 0, −0, −1, +inf, below −1 and NaN."""
@@ -75,21 +92,13 @@ if CustomGraphPass is not None:
                     continue
                 if not _rewrites(node.meta.get("val")):
                     continue
-
-                def emit(op, *args):
-                    fake = [arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg for arg in args]
-                    new = graph.call_function(op, args)
-                    new.meta["val"] = op(*fake)
-                    return new
-
                 with graph.inserting_before(node):
-                    result = _log1p_steps(node.args[0], emit)
+                    result = _log1p_steps(node.args[0], functools.partial(_emit, graph))
                 node.replace_all_uses_with(result)
                 graph.erase_node(node)
 
         def uuid(self) -> str:
-            """Keys Inductor's caches on this module's code: a change to the pass compiles afresh."""
-            return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
+            return _digest()
 
 else:
     Log1pViaLog = None
@@ -170,17 +179,13 @@ if CustomGraphPass is not None:
                 if not onednn_wins(rows, inner, outer):
                     continue
                 with graph.inserting_before(node):
-                    weight = graph.call_function(aten.permute.default, (b, [1, 0]))
-                    weight.meta["val"] = values[1].permute(1, 0)
-                    product = graph.call_function(torch.ops.pvae.onednn_linear.default, (a, weight, bias))
-                    product.meta["val"] = node.meta["val"]
+                    weight = _emit(graph, aten.permute.default, b, [1, 0])
+                    product = _emit(graph, torch.ops.pvae.onednn_linear.default, a, weight, bias)
                 node.replace_all_uses_with(product)
                 graph.erase_node(node)
 
         def uuid(self) -> str:
-            """This module's code and the CPU's kernels (which the rule reads) key Inductor's caches."""
-            code = inspect.getsource(sys.modules[__name__]) + torch.backends.cpu.get_cpu_capability()
-            return hashlib.sha256(code.encode()).hexdigest()
+            return _digest(torch.backends.cpu.get_cpu_capability())  # the CPU's kernels: the rule reads them
 
 else:
     OneDnnGemms = None

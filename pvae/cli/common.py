@@ -124,6 +124,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 def add_engine_arguments(parser, compile_mode: bool = True) -> None:
     """``--engine`` (the step engine of :class:`pvae.inference.step.SVIStep`) and, with ``compile_mode``,
     ``--compile-mode`` and ``--gemm``."""
+    from pvae.inference.compile_passes import GEMM_CHOICES
     from pvae.inference.step import ENGINES
 
     parser.add_argument(
@@ -144,7 +145,7 @@ def add_engine_arguments(parser, compile_mode: bool = True) -> None:
     )
     parser.add_argument(
         "--gemm",
-        choices=("auto", "default"),
+        choices=GEMM_CHOICES,
         default=None,
         help="matrix products with --engine compile: auto (default: large fp32 products through oneDNN "
         "on CPUs with AVX-512, MKL elsewhere) or default (torch's default BLAS for all)",
@@ -153,12 +154,14 @@ def add_engine_arguments(parser, compile_mode: bool = True) -> None:
 
 def engine_options(args) -> dict:
     """The :func:`pvae.inference.train` keywords of :func:`add_engine_arguments`' flags."""
-    chosen = {"mode": getattr(args, "compile_mode", None), "gemm": getattr(args, "gemm", None)}
-    chosen = {key: value for key, value in chosen.items() if value is not None}
-    for key in chosen:
+    chosen = {}
+    for key, flag in (("mode", "--compile-mode"), ("gemm", "--gemm")):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
         if args.engine != "compile":
-            flag = "--compile-mode" if key == "mode" else "--gemm"
             raise UsageError(f"argument {flag}: needs --engine compile, got --engine {args.engine}")
+        chosen[key] = value
     return {"engine": args.engine, "compile_options": chosen or None}
 
 
